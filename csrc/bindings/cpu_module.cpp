@@ -1,0 +1,354 @@
+// cpu_module.cpp — the Python face of numformer._cpu.
+//
+// Thin on purpose: check everything about the arrays (type, dtype, ndim,
+// shapes, contiguity, alignment, writability, overlap) while holding the GIL,
+// raise TypeError/ValueError naming the offending shapes, then release the
+// GIL and call the kernel with raw pointers. Nothing reaches a kernel that
+// could make it read or write out of bounds.
+//
+// Arrays are taken as plain Python objects and checked by hand rather than
+// through py::array_t<T> conversion, which would silently copy/convert a
+// wrong dtype or a non-contiguous view; here those are errors, and the caller
+// (numformer.backend) decides when a copy is worth making.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cpu/gemm.h"
+#include "cpu/runtime.h"
+#include "cpu/softmax.h"
+
+namespace py = pybind11;
+namespace nc = numformer::cpu;
+using nc::index_t;
+
+namespace {
+
+enum class DType { f32, f64 };
+
+// "(3, 4)" — the shape as Python prints a tuple.
+std::string shape_str(const py::array& a) {
+    std::ostringstream s;
+    s << "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(i);
+    if (a.ndim() == 1) s << ",";
+    s << ")";
+    return s.str();
+}
+
+std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+py::array require_array(const py::handle& obj, const char* fn, const char* name) {
+    if (!py::isinstance<py::array>(obj)) {
+        throw py::type_error(std::string(fn) + ": " + name + " must be a numpy.ndarray, got " +
+                             py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
+    }
+    return py::reinterpret_borrow<py::array>(obj);
+}
+
+DType require_float(const py::array& a, const char* fn, const char* name) {
+    // EquivTypes: native-endian float32/float64 only; '>f4' and friends fail.
+    if (py::isinstance<py::array_t<float>>(a)) return DType::f32;
+    if (py::isinstance<py::array_t<double>>(a)) return DType::f64;
+    throw py::type_error(std::string(fn) + ": " + name + " has dtype " + dtype_str(a) +
+                         "; expected float32 or float64");
+}
+
+void require_same_dtype(const py::array& a, DType da, const py::array& b, DType db,
+                        const char* fn, const char* an, const char* bn) {
+    if (da != db) {
+        throw py::type_error(std::string(fn) + ": dtypes differ: " + an + " is " + dtype_str(a) +
+                             ", " + bn + " is " + dtype_str(b) + " (no implicit casts)");
+    }
+}
+
+// The kernels index memory as dense row-major, so the array must be exactly that.
+void require_layout(const py::array& a, const char* fn, const char* name, bool writeable = false) {
+    const auto flags = a.flags();
+    if (!(flags & py::array::c_style)) {
+        throw py::value_error(std::string(fn) + ": " + name + " with shape " + shape_str(a) +
+                              " is not C-contiguous (use numformer.backend, which copies or "
+                              "flips the transpose flag, or np.ascontiguousarray)");
+    }
+    if (!(flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {
+        throw py::value_error(std::string(fn) + ": " + name + " is not aligned to its dtype");
+    }
+    if (writeable && !a.writeable()) {
+        throw py::value_error(std::string(fn) + ": " + name + " is read-only");
+    }
+}
+
+// True when the byte ranges of two (contiguous) arrays intersect.
+bool overlaps(const py::array& a, const py::array& b) {
+    if (a.size() == 0 || b.size() == 0) return false;
+    const auto a0 = reinterpret_cast<std::uintptr_t>(a.data());
+    const auto b0 = reinterpret_cast<std::uintptr_t>(b.data());
+    return a0 < b0 + static_cast<std::uintptr_t>(b.nbytes()) &&
+           b0 < a0 + static_cast<std::uintptr_t>(a.nbytes());
+}
+
+// a·b, refusing results whose element count would not fit in 63 bits.
+index_t checked_mul(index_t a, index_t b, const char* fn) {
+    if (a != 0 && b > INT64_MAX / a) throw py::value_error(std::string(fn) + ": result is too large");
+    return a * b;
+}
+
+// ---------------------------------------------------------------------------
+// matmul
+// ---------------------------------------------------------------------------
+
+template <typename T>
+void run_gemm(const py::array& a, const py::array& b, const py::object& bias, py::array& out,
+              index_t batch, index_t m, index_t n, index_t k, bool ta, bool tb, bool accumulate) {
+    nc::GemmProblem<T> p;
+    p.batch = batch;
+    p.m = m;
+    p.n = n;
+    p.k = k;
+    p.trans_a = ta;
+    p.trans_b = tb;
+    p.a = static_cast<const T*>(a.data());
+    p.b = static_cast<const T*>(b.data());
+    p.c = static_cast<T*>(out.mutable_data());
+    p.bias = bias.is_none() ? nullptr : static_cast<const T*>(py::reinterpret_borrow<py::array>(bias).data());
+    p.accumulate = accumulate;
+    py::gil_scoped_release release;
+    nc::gemm(p);
+}
+
+py::array matmul(const py::object& a_obj, const py::object& b_obj, bool trans_a, bool trans_b,
+                 const py::object& bias_obj, const py::object& out_obj, bool accumulate) {
+    const char* fn = "matmul";
+    py::array a = require_array(a_obj, fn, "a");
+    py::array b = require_array(b_obj, fn, "b");
+    const DType da = require_float(a, fn, "a");
+    const DType db = require_float(b, fn, "b");
+    require_same_dtype(a, da, b, db, fn, "a", "b");
+
+    const py::ssize_t nd = a.ndim();
+    if (nd != 2 && nd != 3) {
+        throw py::value_error(std::string(fn) + ": a must be 2-D or 3-D (batched), got shape " +
+                              shape_str(a));
+    }
+    if (b.ndim() != nd) {
+        throw py::value_error(std::string(fn) + ": a and b must have the same number of dimensions: a is " +
+                              shape_str(a) + ", b is " + shape_str(b));
+    }
+    const std::string flags =
+        (trans_a || trans_b) ? std::string(" (trans_a=") + (trans_a ? "True" : "False") +
+                                   ", trans_b=" + (trans_b ? "True" : "False") + ")"
+                             : std::string();
+    const index_t batch = nd == 3 ? a.shape(0) : 1;
+    if (nd == 3 && b.shape(0) != batch) {
+        throw py::value_error(std::string(fn) + ": batch dimensions differ: a is " + shape_str(a) +
+                              ", b is " + shape_str(b));
+    }
+    // a is (M, K), or (K, M) when trans_a; b is (K, N), or (N, K) when trans_b.
+    const index_t m = trans_a ? a.shape(nd - 1) : a.shape(nd - 2);
+    const index_t k = trans_a ? a.shape(nd - 2) : a.shape(nd - 1);
+    const index_t kb = trans_b ? b.shape(nd - 1) : b.shape(nd - 2);
+    const index_t n = trans_b ? b.shape(nd - 2) : b.shape(nd - 1);
+    if (k != kb) {
+        throw py::value_error(std::string(fn) + ": inner dimensions differ: a is " + shape_str(a) +
+                              ", b is " + shape_str(b) + flags);
+    }
+    require_layout(a, fn, "a");
+    require_layout(b, fn, "b");
+    checked_mul(checked_mul(batch, m, fn), n, fn);
+
+    std::vector<py::ssize_t> out_shape;
+    if (nd == 3) out_shape.push_back(batch);
+    out_shape.push_back(m);
+    out_shape.push_back(n);
+
+    if (!bias_obj.is_none()) {
+        py::array bias = require_array(bias_obj, fn, "bias");
+        require_same_dtype(a, da, bias, require_float(bias, fn, "bias"), fn, "a", "bias");
+        if (bias.ndim() != 1 || bias.shape(0) != n) {
+            throw py::value_error(std::string(fn) + ": bias must have shape (" + std::to_string(n) +
+                                  ",) to match the result's last dimension, got " + shape_str(bias));
+        }
+        require_layout(bias, fn, "bias");
+    }
+
+    py::array out;
+    if (out_obj.is_none()) {
+        if (accumulate) throw py::value_error(std::string(fn) + ": accumulate=True needs out=");
+        if (da == DType::f32)
+            out = py::array_t<float>(out_shape);
+        else
+            out = py::array_t<double>(out_shape);
+    } else {
+        out = require_array(out_obj, fn, "out");
+        require_same_dtype(a, da, out, require_float(out, fn, "out"), fn, "a", "out");
+        bool same = out.ndim() == nd;
+        for (py::ssize_t i = 0; same && i < nd; ++i) same = out.shape(i) == out_shape[size_t(i)];
+        if (!same) {
+            std::ostringstream want;
+            want << "(";
+            for (size_t i = 0; i < out_shape.size(); ++i) want << (i ? ", " : "") << out_shape[i];
+            want << ")";
+            throw py::value_error(std::string(fn) + ": out has shape " + shape_str(out) +
+                                  ", expected " + want.str() + " for a " + shape_str(a) + " and b " +
+                                  shape_str(b) + flags);
+        }
+        require_layout(out, fn, "out", /*writeable=*/true);
+        if (overlaps(out, a) || overlaps(out, b) ||
+            (!bias_obj.is_none() && overlaps(out, py::reinterpret_borrow<py::array>(bias_obj)))) {
+            throw py::value_error(std::string(fn) + ": out must not share memory with a, b or bias");
+        }
+    }
+
+    if (da == DType::f32)
+        run_gemm<float>(a, b, bias_obj, out, batch, m, n, k, trans_a, trans_b, accumulate);
+    else
+        run_gemm<double>(a, b, bias_obj, out, batch, m, n, k, trans_a, trans_b, accumulate);
+    return out;
+}
+
+// ---------------------------------------------------------------------------
+// softmax
+// ---------------------------------------------------------------------------
+
+py::array softmax_forward(const py::object& x_obj, double scale) {
+    const char* fn = "softmax_forward";
+    py::array x = require_array(x_obj, fn, "x");
+    const DType dt = require_float(x, fn, "x");
+    if (x.ndim() < 1) throw py::value_error(std::string(fn) + ": x must have at least 1 dimension, got a 0-d array");
+    require_layout(x, fn, "x");
+    std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+    const index_t n = x.shape(x.ndim() - 1);
+    const index_t rows = n == 0 ? 0 : x.size() / n;
+    if (dt == DType::f32) {
+        py::array_t<float> y(shape);
+        const float* xp = static_cast<const float*>(x.data());
+        float* yp = y.mutable_data();
+        py::gil_scoped_release release;
+        nc::softmax_forward<float>(xp, yp, rows, n, static_cast<float>(scale));
+        return std::move(y);
+    }
+    py::array_t<double> y(shape);
+    const double* xp = static_cast<const double*>(x.data());
+    double* yp = y.mutable_data();
+    py::gil_scoped_release release;
+    nc::softmax_forward<double>(xp, yp, rows, n, scale);
+    return std::move(y);
+}
+
+py::array softmax_backward(const py::object& dy_obj, const py::object& y_obj) {
+    const char* fn = "softmax_backward";
+    py::array dy = require_array(dy_obj, fn, "dy");
+    py::array y = require_array(y_obj, fn, "y");
+    const DType dt = require_float(dy, fn, "dy");
+    require_same_dtype(dy, dt, y, require_float(y, fn, "y"), fn, "dy", "y");
+    bool same = dy.ndim() == y.ndim();
+    for (py::ssize_t i = 0; same && i < dy.ndim(); ++i) same = dy.shape(i) == y.shape(i);
+    if (!same) {
+        throw py::value_error(std::string(fn) + ": shapes differ: dy is " + shape_str(dy) +
+                              ", y is " + shape_str(y));
+    }
+    if (y.ndim() < 1) throw py::value_error(std::string(fn) + ": y must have at least 1 dimension, got a 0-d array");
+    require_layout(dy, fn, "dy");
+    require_layout(y, fn, "y");
+    std::vector<py::ssize_t> shape(y.shape(), y.shape() + y.ndim());
+    const index_t n = y.shape(y.ndim() - 1);
+    const index_t rows = n == 0 ? 0 : y.size() / n;
+    if (dt == DType::f32) {
+        py::array_t<float> dx(shape);
+        const float* dyp = static_cast<const float*>(dy.data());
+        const float* yp = static_cast<const float*>(y.data());
+        float* dxp = dx.mutable_data();
+        py::gil_scoped_release release;
+        nc::softmax_backward<float>(dyp, yp, dxp, rows, n);
+        return std::move(dx);
+    }
+    py::array_t<double> dx(shape);
+    const double* dyp = static_cast<const double*>(dy.data());
+    const double* yp = static_cast<const double*>(y.data());
+    double* dxp = dx.mutable_data();
+    py::gil_scoped_release release;
+    nc::softmax_backward<double>(dyp, yp, dxp, rows, n);
+    return std::move(dx);
+}
+
+// ---------------------------------------------------------------------------
+// runtime
+// ---------------------------------------------------------------------------
+
+void set_num_threads(int n) {
+    if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
+    nc::set_num_threads(n);
+}
+
+std::string set_isa(const std::string& name) {
+    nc::Isa isa;
+    if (!nc::isa_from_name(name, &isa)) {
+        throw py::value_error("set_isa: unknown instruction set '" + name +
+                              "'; choose generic, avx2 or avx512");
+    }
+    const std::string previous = nc::isa_name(nc::active_isa());
+    if (!nc::set_active_isa(isa)) {
+        throw py::value_error("set_isa: this CPU (or build) cannot run '" + name + "'");
+    }
+    return previous;
+}
+
+py::list available_isas() {
+    py::list names;
+    for (nc::Isa isa : nc::supported_isas()) names.append(nc::isa_name(isa));
+    return names;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+    m.doc() =
+        "numformer's compiled CPU kernels: matmul (GEMM) and softmax forward/backward.\n"
+        "Inputs must be C-contiguous float32/float64 numpy arrays of one dtype; wrong\n"
+        "dtypes raise TypeError, bad shapes or layouts raise ValueError. The GIL is\n"
+        "released while a kernel runs. See docs/kernels.md.";
+
+    m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::arg("trans_a") = false,
+          py::arg("trans_b") = false, py::kw_only(), py::arg("bias") = py::none(),
+          py::arg("out") = py::none(), py::arg("accumulate") = false,
+          R"doc(op(a) @ op(b) (+ bias), op = transpose of the last two axes when asked.
+
+a: (M, K), or (K, M) with trans_a; b: (K, N), or (N, K) with trans_b; or both
+3-D with the same leading batch size. Returns a new C-contiguous (…, M, N) array,
+or writes into ``out``: out = op(a)·op(b) + bias, or with accumulate=True
+out += op(a)·op(b) + bias. bias: 1-D of length N, added to every row.)doc");
+
+    m.def("softmax_forward", &softmax_forward, py::arg("x"), py::kw_only(),
+          py::arg("scale") = 1.0,
+          R"doc(softmax(scale * x) over the last axis (x: any shape with ndim >= 1).
+
+Numerically stable (the row maximum is subtracted). -inf entries give 0; a row
+that is entirely -inf gives all zeros; a row containing NaN or +inf gives NaN.)doc");
+
+    m.def("softmax_backward", &softmax_backward, py::arg("dy"), py::arg("y"),
+          "dx = y * (dy - sum(dy * y, axis=-1, keepdims=True)), y = softmax output.");
+
+    m.def("num_threads", &nc::num_threads,
+          "Threads a kernel may use (NUMFORMER_NUM_THREADS, else OpenMP's default).");
+    m.def("set_num_threads", &set_num_threads, py::arg("n"), "Set the kernel thread count (>= 1).");
+    m.def("isa", [] { return std::string(nc::isa_name(nc::active_isa())); },
+          "Instruction set the kernels run: 'avx512', 'avx2' or 'generic'.");
+    m.def("available_isas", &available_isas, "Instruction sets this CPU and build can run.");
+    m.def("set_isa", &set_isa, py::arg("name"),
+          "Run the kernels with another (supported) instruction set; returns the previous one.\n"
+          "For tests and benchmarks: every variant must give the same results.");
+    m.def("build_info", &nc::build_info,
+          "Compiler, OpenMP, SIMD and thread settings of this build, as one line.");
+    m.attr("__build_info__") = nc::build_info();
+
+    const std::string warnings = nc::env_warnings();
+    if (!warnings.empty()) {
+        if (PyErr_WarnEx(PyExc_RuntimeWarning, ("numformer._cpu: " + warnings).c_str(), 1) < 0)
+            throw py::error_already_set();
+    }
+}

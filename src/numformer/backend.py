@@ -1,0 +1,168 @@
+"""One place that decides who runs the hot operations.
+
+The NumPy functions in :mod:`numformer.ops` are the specification. The
+compiled extension ``numformer._cpu`` implements the same hot operations
+(matmul, softmax forward/backward); this module routes each call to the
+selected implementation.
+
+Selection, in order of precedence:
+
+1. ``with numformer.backend.use("numpy"):`` — a context manager (thread-local),
+2. the environment variable ``NUMFORMER_BACKEND=numpy|cpu``,
+3. the default: ``cpu`` when the extension imports, else ``numpy``.
+
+A missing or broken extension never raises for the user: we fall back to
+NumPy and warn once. Asking *explicitly* for ``cpu`` when it is unavailable
+is an error, because the user asked for something we cannot give.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+
+import numpy as np
+
+BACKENDS = ("numpy", "cpu")
+
+_state = threading.local()
+_cpu_module = None
+_cpu_error: str | None = None
+_cpu_probed = False
+_warned = False
+
+
+def _load_cpu():
+    """Import ``numformer._cpu`` once; remember why it failed if it did."""
+    global _cpu_module, _cpu_error, _cpu_probed
+    if not _cpu_probed:
+        _cpu_probed = True
+        try:
+            from numformer import _cpu  # type: ignore[attr-defined]
+
+            _cpu_module = _cpu
+        except Exception as exc:  # ImportError, or a broken shared object
+            _cpu_error = f"{type(exc).__name__}: {exc}"
+    return _cpu_module
+
+
+def cpu_available() -> bool:
+    """True when the compiled extension ``numformer._cpu`` imports."""
+    return _load_cpu() is not None
+
+
+def _validate(name: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def current() -> str:
+    """Name of the backend that the next op call will use."""
+    global _warned
+    explicit = getattr(_state, "name", None)
+    if explicit is None:
+        env = os.environ.get("NUMFORMER_BACKEND", "").strip()
+        if env:
+            explicit = _validate(env)
+    if explicit == "numpy":
+        return "numpy"
+    if explicit == "cpu":
+        if not cpu_available():
+            raise RuntimeError(
+                f"backend 'cpu' was requested but numformer._cpu is unavailable ({_cpu_error}); "
+                "reinstall with a C++17 compiler (pip install .) or use NUMFORMER_BACKEND=numpy"
+            )
+        return "cpu"
+    if cpu_available():
+        return "cpu"
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"numformer._cpu is unavailable ({_cpu_error}); running on NumPy alone",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "numpy"
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """Run the enclosed block on backend ``name`` ("numpy" or "cpu").
+
+    >>> with use("numpy"):
+    ...     y = matmul(a, b)
+    """
+    name = _validate(name)
+    if name == "cpu" and not cpu_available():
+        raise RuntimeError(f"backend 'cpu' is unavailable: {_cpu_error}")
+    previous = getattr(_state, "name", None)
+    _state.name = name
+    try:
+        yield
+    finally:
+        _state.name = previous
+
+
+# --------------------------------------------------------------------------
+# matmul
+# --------------------------------------------------------------------------
+
+def _as_kernel_operand(x: np.ndarray, trans: bool):
+    """Return (array, trans) with a C-contiguous array for the kernel.
+
+    A transposed view (``w.T``) is C-contiguous once transposed back, so we
+    flip the flag instead of copying; anything else non-contiguous is copied.
+    """
+    if x.flags.c_contiguous:
+        return x, trans
+    if x.ndim >= 2:
+        back = np.swapaxes(x, -1, -2)
+        if back.flags.c_contiguous:
+            return back, not trans
+    return np.ascontiguousarray(x), trans
+
+
+def matmul(a: np.ndarray, b: np.ndarray, trans_a: bool = False, trans_b: bool = False) -> np.ndarray:
+    """``op(a) @ op(b)`` where ``op`` optionally transposes the last two axes.
+
+    a: (..., M, K) or (..., K, M) if trans_a
+    b: (..., K, N) or (..., N, K) if trans_b
+    returns (..., M, N); leading (batch) axes of a and b must be equal.
+    The three forms the backward pass needs are A·B, A·Bᵀ and Aᵀ·B.
+    """
+    if current() == "cpu" and a.dtype == b.dtype and a.dtype in (np.float32, np.float64) \
+            and a.ndim in (2, 3) and a.ndim == b.ndim:
+        a2, ta = _as_kernel_operand(a, trans_a)
+        b2, tb = _as_kernel_operand(b, trans_b)
+        return _cpu_module.matmul(a2, b2, ta, tb)
+    a_op = np.swapaxes(a, -1, -2) if trans_a else a
+    b_op = np.swapaxes(b, -1, -2) if trans_b else b
+    return np.matmul(a_op, b_op)
+
+
+# --------------------------------------------------------------------------
+# softmax over the last axis
+# --------------------------------------------------------------------------
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis; ``-inf`` entries get probability 0 and a
+    row that is entirely ``-inf`` gives all zeros (not NaN)."""
+    if current() == "cpu" and x.dtype in (np.float32, np.float64) and x.ndim >= 1:
+        return _cpu_module.softmax_forward(np.ascontiguousarray(x))
+    from numformer.ops import softmax as softmax_op
+
+    return softmax_op.softmax_reference(x)
+
+
+def softmax_backward(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``dx = y ⊙ (dy − Σ_j dy_j y_j)`` over the last axis."""
+    if current() == "cpu" and dy.dtype == y.dtype and y.dtype in (np.float32, np.float64) \
+            and dy.shape == y.shape:
+        return _cpu_module.softmax_backward(np.ascontiguousarray(dy), np.ascontiguousarray(y))
+    from numformer.ops import softmax as softmax_op
+
+    return softmax_op.softmax_backward_reference(dy, y)
