@@ -1,0 +1,44 @@
+"""Token and learned position embeddings (GPT-2's ``wte`` and ``wpe``).
+
+    out[b, t] = wte[ids[b, t]] + wpe[pos0 + t]
+
+A lookup is a matrix product with a one-hot matrix, ``onehot(ids) @ wte``,
+so its gradient is ``onehot(ids)ᵀ @ dout``: every row of ``dout`` is *added*
+to the row of ``wte`` it came from. Repeated ids must accumulate, which is
+why the backward uses ``np.add.at`` — ``dwte[ids] += dout`` would keep only
+one of the repeated contributions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def forward(ids: np.ndarray, wte: np.ndarray, wpe: np.ndarray, pos0: int = 0):
+    """ids: (B, T) int, wte: (V, C), wpe: (P, C) -> out: (B, T, C), cache.
+
+    ``pos0`` is the position of ``ids[:, 0]`` (non-zero when decoding with a KV cache).
+    """
+    B, T = ids.shape
+    if pos0 + T > wpe.shape[0]:
+        raise ValueError(f"sequence of length {pos0 + T} exceeds the context of {wpe.shape[0]} positions")
+    out = wte[ids] + wpe[pos0:pos0 + T]             # (B, T, C) + (T, C) broadcast over B
+    return out, (ids, wte.shape, wpe.shape, pos0)
+
+
+def backward(dout: np.ndarray, cache):
+    """dout: (B, T, C) -> dwte: (V, C), dwpe: (P, C).
+
+    Forward line: ``out = wte[ids] + wpe[pos0:pos0+T]``.
+
+    * ``∂out[b,t]/∂wte[v] = I`` when ``ids[b,t] = v``, so
+      ``dwte[v] = Σ_{b,t: ids[b,t]=v} dout[b,t]`` — a scatter-add.
+    * ``wpe[pos0+t]`` is added to every batch row, so ``dwpe[pos0+t] = Σ_b dout[b,t]``.
+    """
+    ids, wte_shape, wpe_shape, pos0 = cache
+    C = dout.shape[-1]
+    dwte = np.zeros(wte_shape, dtype=dout.dtype)
+    np.add.at(dwte, ids.reshape(-1), dout.reshape(-1, C))     # repeated ids accumulate
+    dwpe = np.zeros(wpe_shape, dtype=dout.dtype)
+    dwpe[pos0:pos0 + ids.shape[1]] = dout.sum(axis=0)         # (T, C)
+    return dwte, dwpe

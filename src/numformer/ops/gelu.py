@@ -1,0 +1,55 @@
+"""GELU, the Gaussian error linear unit: ``gelu(x) = x Φ(x)``.
+
+Two forms are in use:
+
+* ``approximate="tanh"`` (GPT-2):  ``0.5 x (1 + tanh(k (x + 0.044715 x³)))``, ``k = √(2/π)``
+* ``approximate="none"`` (BERT):  ``0.5 x (1 + erf(x/√2))`` — the exact Φ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+_K = math.sqrt(2.0 / math.pi)
+_A = 0.044715
+_erf = np.frompyfunc(math.erf, 1, 1)   # exact erf; NumPy has none. Slow-ish, used by encoders only.
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """Elementwise error function in the dtype of ``x``."""
+    return _erf(x).astype(x.dtype) if x.size else np.zeros_like(x)
+
+
+def forward(x: np.ndarray, approximate: str = "tanh"):
+    """x: (...) -> out: (...), cache."""
+    if approximate == "tanh":
+        u = _K * (x + _A * (x * x * x))   # x*x*x, not x**3: NumPy's float pow is ~100x slower
+        t = np.tanh(u)
+        return 0.5 * x * (1.0 + t), (x, t, approximate)
+    if approximate == "none":
+        phi_cdf = 0.5 * (1.0 + erf(x / math.sqrt(2.0)))
+        return x * phi_cdf, (x, phi_cdf, approximate)
+    raise ValueError(f"gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
+
+
+def backward(dout: np.ndarray, cache) -> np.ndarray:
+    """dout: (...) -> dx: (...).
+
+    tanh form, forward line ``out = ½ x (1 + tanh u)``, ``u = k (x + a x³)``:
+
+        d out/dx = ½ (1 + tanh u) + ½ x (1 − tanh² u) · k (1 + 3a x²)
+
+    exact form, forward line ``out = x Φ(x)``:
+
+        d out/dx = Φ(x) + x φ(x),   φ(x) = exp(−x²/2)/√(2π)
+    """
+    x, saved, approximate = cache
+    if approximate == "tanh":
+        t = saved
+        local = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _K * (1.0 + 3.0 * _A * x * x)
+    else:
+        phi_cdf = saved
+        local = phi_cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return dout * local

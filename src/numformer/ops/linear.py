@@ -1,0 +1,42 @@
+"""Affine map with the weight stored (in, out), as GPT-2's ``Conv1D``.
+
+    out = x @ w + b        x: (..., C_in), w: (C_in, C_out), b: (C_out,)
+
+The backward needs the other two matrix-product forms, A·Bᵀ and Aᵀ·B;
+:func:`numformer.backend.matmul` computes them without copying a transpose.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from numformer import backend
+
+
+def forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None):
+    """x: (..., C_in), w: (C_in, C_out), b: (C_out,) or None -> out: (..., C_out), cache."""
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"linear: x has {x.shape[-1]} features but w is {w.shape}")
+    x2 = x.reshape(-1, x.shape[-1])                  # (N, C_in), N = prod(leading dims)
+    out = backend.matmul(x2, w)                      # (N, C_out)   A·B
+    if b is not None:
+        out += b
+    return out.reshape(x.shape[:-1] + (w.shape[1],)), (x, w, b is not None)
+
+
+def backward(dout: np.ndarray, cache):
+    """dout: (..., C_out) -> dx (..., C_in), dw (C_in, C_out), db (C_out,) or None.
+
+    Forward line: ``out[n, j] = Σ_i x[n, i] w[i, j] + b[j]``.
+
+    * ``∂out[n,j]/∂x[n,i] = w[i,j]``  ⇒  ``dx = dout @ wᵀ``   (A·Bᵀ)
+    * ``∂out[n,j]/∂w[i,j] = x[n,i]``  ⇒  ``dw = xᵀ @ dout``   (Aᵀ·B), summed over all n
+    * ``∂out[n,j]/∂b[j] = 1``        ⇒  ``db = Σ_n dout[n]``
+    """
+    x, w, has_bias = cache
+    x2 = x.reshape(-1, x.shape[-1])                  # (N, C_in)
+    d2 = dout.reshape(-1, dout.shape[-1])            # (N, C_out)
+    dx = backend.matmul(d2, w, trans_b=True)         # (N, C_out)·(C_out, C_in) -> (N, C_in)
+    dw = backend.matmul(x2, d2, trans_a=True)        # (C_in, N)·(N, C_out) -> (C_in, C_out)
+    db = d2.sum(axis=0) if has_bias else None        # (C_out,)
+    return dx.reshape(x.shape), dw, db
