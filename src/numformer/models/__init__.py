@@ -1,0 +1,1 @@
+"""Models composed from :mod:`numformer.ops`; parameters live in one flat buffer."""

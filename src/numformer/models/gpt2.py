@@ -1,0 +1,304 @@
+"""GPT-2: a decoder-only Transformer with pre-LayerNorm blocks and tied embeddings.
+
+    x₀ = wte[ids] + wpe[pos]                              (B, T, C)
+    for each block l:
+        x = x + proj(attention(split(c_attn(ln_1(x)))))   causal self-attention
+        x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))        MLP, 4C hidden
+    logits = ln_f(x) @ wteᵀ                               (B, T, V) — output tied to input embedding
+
+Parameters use Hugging Face GPT-2 names and layouts (``Conv1D`` weights are
+stored (in, out)), all in one flat buffer (:mod:`numformer.params`).
+:meth:`GPT2.backward` calls the ops' backward functions in exact reverse
+order of :meth:`GPT2.forward`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from numformer import backend
+from numformer.ops import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear
+from numformer.params import ParamLayout
+
+
+@dataclass
+class GPT2Config:
+    """Model shape; field names follow Hugging Face's ``GPT2Config``."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024        # context length
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.0           # applied to the embedding and both residual branches
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"   # "gelu_new" (tanh, GPT-2) or "gelu" (exact erf)
+
+    def validate(self) -> "GPT2Config":
+        """Raise ValueError naming the first nonsensical field."""
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.activation_function not in ("gelu_new", "gelu"):
+            raise ValueError(f"activation_function must be 'gelu_new' or 'gelu', got {self.activation_function!r}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        """A Hugging Face compatible ``config.json`` dictionary."""
+        d = asdict(self)
+        d.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions,
+                 resid_pdrop=self.dropout, embd_pdrop=self.dropout, attn_pdrop=0.0)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPT2Config":
+        """Read our own or a Hugging Face ``config.json`` (unknown keys are ignored)."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "dropout" not in d and "resid_pdrop" in d:
+            kwargs["dropout"] = d["resid_pdrop"]
+        return cls(**kwargs).validate()
+
+
+def param_shapes(cfg: GPT2Config) -> "OrderedDict[str, tuple[int, ...]]":
+    """The ``name -> shape`` table, in Hugging Face ``GPT2Model`` naming."""
+    C, V, P = cfg.n_embd, cfg.vocab_size, cfg.n_positions
+    shapes = OrderedDict([("wte.weight", (V, C)), ("wpe.weight", (P, C))])
+    for i in range(cfg.n_layer):
+        h = f"h.{i}."
+        shapes[h + "ln_1.weight"] = (C,)
+        shapes[h + "ln_1.bias"] = (C,)
+        shapes[h + "attn.c_attn.weight"] = (C, 3 * C)
+        shapes[h + "attn.c_attn.bias"] = (3 * C,)
+        shapes[h + "attn.c_proj.weight"] = (C, C)
+        shapes[h + "attn.c_proj.bias"] = (C,)
+        shapes[h + "ln_2.weight"] = (C,)
+        shapes[h + "ln_2.bias"] = (C,)
+        shapes[h + "mlp.c_fc.weight"] = (C, 4 * C)
+        shapes[h + "mlp.c_fc.bias"] = (4 * C,)
+        shapes[h + "mlp.c_proj.weight"] = (4 * C, C)
+        shapes[h + "mlp.c_proj.bias"] = (C,)
+    shapes["ln_f.weight"] = (C,)
+    shapes["ln_f.bias"] = (C,)
+    return shapes
+
+
+class KVCache:
+    """Keys and values of past positions, preallocated to ``max_len``.
+
+    k[l], v[l]: (B, H, max_len, D); ``length`` positions are filled.
+    """
+
+    def __init__(self, cfg: GPT2Config, batch: int, max_len: int, dtype=np.float32):
+        if max_len > cfg.n_positions:
+            raise ValueError(f"KV cache of {max_len} positions exceeds the context of {cfg.n_positions}")
+        shape = (batch, cfg.n_head, max_len, cfg.head_dim)
+        self.k = [np.zeros(shape, dtype) for _ in range(cfg.n_layer)]
+        self.v = [np.zeros(shape, dtype) for _ in range(cfg.n_layer)]
+        self.max_len = max_len
+        self.length = 0
+
+
+class GPT2:
+    """A GPT-2 language model whose parameters are views into ``self.flat``."""
+
+    def __init__(self, cfg: GPT2Config, flat: np.ndarray | None = None, dtype=np.float32):
+        self.cfg = cfg.validate()
+        self.layout = ParamLayout(param_shapes(cfg))
+        self.flat = self.layout.zeros(dtype) if flat is None else flat
+        if self.flat.shape != (self.layout.size,):
+            raise ValueError(f"parameter buffer has {self.flat.size} values, the config needs {self.layout.size}")
+        self.params = self.layout.views(self.flat)
+
+    @property
+    def dtype(self):
+        return self.flat.dtype
+
+    @property
+    def num_params(self) -> int:
+        return self.layout.size
+
+    # ------------------------------------------------------------------ init
+    @classmethod
+    def init(cls, cfg: GPT2Config, seed: int = 0, dtype=np.float32) -> "GPT2":
+        """GPT-2 initialization: N(0, 0.02) weights, zero biases, unit LayerNorm gains,
+        and the two residual projections per block scaled by 1/√(2·n_layer), so the
+        residual stream's variance does not grow with depth."""
+        model = cls(cfg, dtype=dtype)
+        rng = np.random.default_rng(seed)
+        resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        for name, view in model.params.items():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                view[...] = 1.0
+            elif name.endswith(".bias"):
+                view[...] = 0.0
+            else:
+                std = resid_std if name.endswith("c_proj.weight") else 0.02
+                view[...] = rng.normal(0.0, std, size=view.shape)
+        return model
+
+    def decay_mask(self, decay_embeddings: bool = False) -> np.ndarray:
+        """Flat mask: 1 for matrices that get weight decay, 0 for biases, LayerNorm (and embeddings)."""
+        mask = self.layout.zeros(self.dtype)
+        views = self.layout.views(mask)
+        for name, shape in self.layout.shapes.items():
+            is_embedding = name in ("wte.weight", "wpe.weight")
+            if len(shape) == 2 and (decay_embeddings or not is_embedding):
+                views[name][...] = 1.0
+        return mask
+
+    # --------------------------------------------------------------- forward
+    def forward(self, ids: np.ndarray, targets: np.ndarray | None = None, *, train: bool = False,
+                rng: np.random.Generator | None = None, kv_cache: KVCache | None = None,
+                key_mask: np.ndarray | None = None):
+        """ids: (B, T) int, targets: (B, T) int or None (−100 = ignore)
+        -> logits (B, T, V), loss (float or None), cache for :meth:`backward`.
+
+        With ``kv_cache`` the ids continue the cached sequence (inference only).
+        ``key_mask``: (B, T_total) bool, False for padded positions.
+        """
+        cfg, p = self.cfg, self.params
+        ids = np.asarray(ids)
+        if ids.ndim != 2:
+            raise ValueError(f"ids must be (B, T), got shape {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+            raise ValueError(f"token id outside [0, {cfg.vocab_size})")
+        pos0 = kv_cache.length if kv_cache is not None else 0
+        act = "tanh" if cfg.activation_function == "gelu_new" else "none"
+        drop = cfg.dropout if train else 0.0
+
+        x, emb_c = embedding.forward(ids, p["wte.weight"], p["wpe.weight"], pos0)   # (B, T, C)
+        x, emb_drop_c = dropout.forward(x, drop, rng, train)
+        layers = []
+        for i in range(cfg.n_layer):
+            x, layer_c = self._block_forward(i, x, drop, rng, train, kv_cache, pos0, act, key_mask)
+            layers.append(layer_c)
+        xf, lnf_c = layernorm.forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.layer_norm_epsilon)
+        B, T, C = xf.shape
+        logits = backend.matmul(xf.reshape(B * T, C), p["wte.weight"], trans_b=True)  # (BT, V) = x·wteᵀ
+        logits = logits.reshape(B, T, cfg.vocab_size)
+        if kv_cache is not None:
+            kv_cache.length = pos0 + T
+        loss, ce_c = None, None
+        if targets is not None:
+            loss, ce_c = cross_entropy.forward(logits, np.asarray(targets))
+        cache = (emb_c, emb_drop_c, layers, lnf_c, xf, ce_c)
+        return logits, loss, cache
+
+    def _block_forward(self, i, x, drop, rng, train, kv_cache, pos0, act, key_mask):
+        """One pre-LN block. x: (B, T, C) -> x: (B, T, C), cache."""
+        cfg, h = self.cfg, f"h.{i}."
+        p = self.params
+        C = cfg.n_embd
+        # --- attention branch: x = x + drop(c_proj(attn(c_attn(ln_1(x)))))
+        a_in, ln1_c = layernorm.forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], cfg.layer_norm_epsilon)
+        qkv, qkv_c = linear.forward(a_in, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (B,T,3C)
+        q = attention.split_heads(qkv[..., :C], cfg.n_head)                   # (B, H, T, D)
+        k = attention.split_heads(qkv[..., C:2 * C], cfg.n_head)
+        v = attention.split_heads(qkv[..., 2 * C:], cfg.n_head)
+        if kv_cache is not None:                                              # append, attend to all
+            T = x.shape[1]
+            kv_cache.k[i][:, :, pos0:pos0 + T] = k
+            kv_cache.v[i][:, :, pos0:pos0 + T] = v
+            k = kv_cache.k[i][:, :, :pos0 + T]
+            v = kv_cache.v[i][:, :, :pos0 + T]
+        att, att_c = attention.forward(q, k, v, causal=True, key_mask=key_mask)  # (B, H, T, D)
+        att = attention.merge_heads(att)                                       # (B, T, C)
+        a_out, proj_c = linear.forward(att, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
+        a_out, drop1_c = dropout.forward(a_out, drop, rng, train)
+        x = x + a_out
+        # --- MLP branch: x = x + drop(c_proj(gelu(c_fc(ln_2(x)))))
+        m_in, ln2_c = layernorm.forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], cfg.layer_norm_epsilon)
+        f, fc_c = linear.forward(m_in, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (B, T, 4C)
+        g, gelu_c = gelu.forward(f, act)
+        m_out, mproj_c = linear.forward(g, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
+        m_out, drop2_c = dropout.forward(m_out, drop, rng, train)
+        x = x + m_out
+        return x, (ln1_c, qkv_c, att_c, proj_c, drop1_c, ln2_c, fc_c, gelu_c, mproj_c, drop2_c)
+
+    # -------------------------------------------------------------- backward
+    def backward(self, cache, grads: np.ndarray | None = None, dloss: float = 1.0) -> np.ndarray:
+        """Gradient of the loss with respect to every parameter.
+
+        Returns a flat buffer of the parameter layout. If ``grads`` is given,
+        the gradients are *added* to it (gradient accumulation).
+        """
+        emb_c, emb_drop_c, layers, lnf_c, xf, ce_c = cache
+        if ce_c is None:
+            raise ValueError("backward needs a forward pass that was given targets")
+        cfg, p = self.cfg, self.params
+        grads = self.layout.zeros(self.dtype) if grads is None else grads
+        g = self.layout.views(grads)
+        B, T, C = xf.shape
+
+        dlogits = cross_entropy.backward(dloss, ce_c).reshape(B * T, cfg.vocab_size)   # (BT, V)
+        # logits = xf · wteᵀ  ⇒  dxf = dlogits · wte,  dwte += dlogitsᵀ · xf
+        dxf = backend.matmul(dlogits, p["wte.weight"]).reshape(B, T, C)
+        g["wte.weight"] += backend.matmul(dlogits, xf.reshape(B * T, C), trans_a=True)
+        dx, dgam, dbet = layernorm.backward(dxf, lnf_c)
+        g["ln_f.weight"] += dgam
+        g["ln_f.bias"] += dbet
+        for i in reversed(range(cfg.n_layer)):
+            dx = self._block_backward(i, dx, layers[i], g)
+        dx = dropout.backward(dx, emb_drop_c)
+        dwte, dwpe = embedding.backward(dx, emb_c)
+        g["wte.weight"] += dwte              # tied: the input lookup and the output head share wte
+        g["wpe.weight"] += dwpe
+        return grads
+
+    def _block_backward(self, i, dx, layer_c, g):
+        """Reverse of :meth:`_block_forward`. dx: (B, T, C) gradient of the block output."""
+        cfg, h = self.cfg, f"h.{i}."
+        (ln1_c, qkv_c, att_c, proj_c, drop1_c, ln2_c, fc_c, gelu_c, mproj_c, drop2_c) = layer_c
+        # --- MLP branch, reversed. x = x + m_out: the residual passes dx through unchanged.
+        dm = dropout.backward(dx, drop2_c)
+        dgelu, dw, db = linear.backward(dm, mproj_c)
+        g[h + "mlp.c_proj.weight"] += dw
+        g[h + "mlp.c_proj.bias"] += db
+        df = gelu.backward(dgelu, gelu_c)
+        dm_in, dw, db = linear.backward(df, fc_c)
+        g[h + "mlp.c_fc.weight"] += dw
+        g[h + "mlp.c_fc.bias"] += db
+        dres, dgam, dbet = layernorm.backward(dm_in, ln2_c)
+        g[h + "ln_2.weight"] += dgam
+        g[h + "ln_2.bias"] += dbet
+        dx = dx + dres
+        # --- attention branch, reversed. x = x + a_out.
+        da = dropout.backward(dx, drop1_c)
+        datt, dw, db = linear.backward(da, proj_c)
+        g[h + "attn.c_proj.weight"] += dw
+        g[h + "attn.c_proj.bias"] += db
+        datt = attention.split_heads(datt, cfg.n_head)                    # (B, H, T, D)
+        dq, dk, dv = attention.backward(datt, att_c)
+        dqkv = np.concatenate([attention.merge_heads(dq), attention.merge_heads(dk),
+                               attention.merge_heads(dv)], axis=-1)        # (B, T, 3C)
+        da_in, dw, db = linear.backward(dqkv, qkv_c)
+        g[h + "attn.c_attn.weight"] += dw
+        g[h + "attn.c_attn.bias"] += db
+        dres, dgam, dbet = layernorm.backward(da_in, ln1_c)
+        g[h + "ln_1.weight"] += dgam
+        g[h + "ln_1.bias"] += dbet
+        return dx + dres
+
+    # ------------------------------------------------------------ utilities
+    def loss_and_grads(self, ids, targets, *, train=False, rng=None):
+        """Convenience: (loss, flat gradient buffer) for one batch."""
+        _, loss, cache = self.forward(ids, targets, train=train, rng=rng)
+        return loss, self.backward(cache)
+
+    def astype(self, dtype) -> "GPT2":
+        """A copy of the model with parameters in ``dtype`` (e.g. float64 for gradchecks)."""
+        return GPT2(self.cfg, self.flat.astype(dtype))
