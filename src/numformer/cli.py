@@ -1,0 +1,250 @@
+"""The ``numformer`` command line.
+
+    numformer train [--config FILE] [--data FILE] [--out DIR] [--resume DIR] [--n-layer N ...]
+    numformer sample --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
+    numformer gradcheck
+    numformer tokenizer train [--data FILE] --vocab-size N --out FILE
+
+User mistakes (bad flags, unreadable data, broken checkpoints) print one
+``numformer: error: ...`` line and exit with status 2 — no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+
+from numformer.checkpoint import CheckpointError
+from numformer.data import DataError
+
+USER_ERRORS = (ValueError, DataError, CheckpointError, FileNotFoundError, IsADirectoryError,
+               PermissionError, FloatingPointError)
+
+
+class UserError(Exception):
+    """A mistake in how the command was called."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except (UserError, *USER_ERRORS) as exc:
+        print(f"numformer: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("numformer: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="numformer", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(metavar="COMMAND")
+    _add_train(sub)
+    _add_sample(sub)
+    p = sub.add_parser("gradcheck", help="finite-difference checks of every backward pass (float64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_gradcheck)
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(metavar="ACTION")
+    p = tok.add_parser("train", help="train a tokenizer on a text file (default: Python's docs)")
+    p.add_argument("--data", help="UTF-8 text file (default: pydoc topics)")
+    p.add_argument("--kind", choices=("bpe", "char"), default="bpe")
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--out", required=True, help="where to write tokenizer.json")
+    p.set_defaults(run=run_tokenizer_train)
+    return parser
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _add_train(sub) -> None:
+    from numformer.train import TrainConfig
+
+    p = sub.add_parser("train", help="train a small GPT (default: on Python's own docs)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="JSON or TOML file of settings (flags override it)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default: {f.default})")
+        else:
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            p.add_argument(flag, type=base, default=None, help=f"(default: {f.default})")
+    p.set_defaults(run=run_train)
+
+
+def _load_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} does not exist")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if path.endswith(".toml"):
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            return tomllib.loads(raw.decode("utf-8"))
+        return json.loads(raw)
+    except Exception as exc:
+        raise UserError(f"config file {path!r} could not be parsed: {exc}") from None
+
+
+def _train_config(args):
+    """defaults < saved run (resume) < config file < explicit flags."""
+    from numformer.train import TrainConfig
+
+    settings: dict = {}
+    if args.resume:
+        from numformer import checkpoint
+
+        _, state = checkpoint.load_training_state(os.path.join(args.resume, "checkpoint")
+                                                  if os.path.isdir(os.path.join(args.resume, "checkpoint"))
+                                                  else args.resume)
+        settings.update(state.get("train_config", {}))
+        settings["out"] = args.resume if os.path.isdir(os.path.join(args.resume, "checkpoint")) \
+            else os.path.dirname(os.path.abspath(args.resume))
+    if args.config:
+        settings.update(_load_config_file(args.config))
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name)
+        if value is not None:
+            settings[f.name] = value
+    if args.resume and args.out is not None:
+        raise UserError("--out cannot be combined with --resume (the run continues in its own folder)")
+    if settings.get("task") and not args.resume:        # a task brings its own tuned defaults
+        from numformer.tasks import TASKS
+
+        if settings["task"] in TASKS:
+            settings = {**TASKS[settings["task"]].recommended_settings(), **settings}
+    try:
+        return TrainConfig.from_dict(settings, source=args.config or "settings").validate()
+    except TypeError as exc:
+        raise UserError(f"bad setting: {exc}") from None
+
+
+def run_train(args) -> int:
+    from numformer import backend
+    from numformer.train import plot_losses, train
+
+    cfg = _train_config(args)
+    print(f"numformer train: backend {backend.current()}, output in {cfg.out}")
+    result = train(cfg, resume=bool(args.resume))
+    print(f"trained {result.losses[-1][0] if result.losses else 0} steps in {result.seconds:.1f} s")
+    if result.val_losses:
+        line = f"validation loss {result.val_losses[-1][1]:.4f} nats/token"
+        if result.baseline is not None:
+            line += f" (unigram baseline {result.baseline:.4f})"
+        print(line)
+    if plot_losses(result, os.path.join(cfg.out, "loss.png")):
+        print(f"loss curve: {os.path.join(cfg.out, 'loss.png')}")
+    _print_samples(cfg, result)
+    print(f"checkpoint: {os.path.join(cfg.out, 'checkpoint')}  "
+          f"(try: numformer sample --checkpoint {cfg.out} --prompt \"...\")")
+    return 0
+
+
+def _print_samples(cfg, result) -> None:
+    import numpy as np
+
+    from numformer.generate import generate
+
+    model, tok = result.model, result.tokenizer
+    if cfg.task is not None:
+        from numformer.tasks import TASKS
+
+        task = TASKS[cfg.task]()
+        acc = task.accuracy(model, np.random.default_rng(cfg.seed + 2), n=500)
+        print(f"{cfg.task}: exact-match accuracy {acc:.1%} on 500 fresh examples")
+        return
+    for i in range(cfg.num_samples):
+        new = generate(model, [tok.eot_id], cfg.sample_tokens, temperature=cfg.temperature,
+                       top_k=cfg.top_k, seed=cfg.seed + 100 + i, eot_id=tok.eot_id)
+        text = tok.decode([t for t in new if t != tok.eot_id])
+        print(f"\n--- sample {i + 1} ---\n{text}")
+
+
+# ----------------------------------------------------------------------------- sample
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="DIR")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.set_defaults(run=run_sample)
+
+
+def run_sample(args) -> int:
+    from numformer import checkpoint
+    from numformer.generate import stream, validate_sampling
+
+    validate_sampling(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    model = checkpoint.load_model(args.checkpoint)
+    tok = checkpoint.load_tokenizer(args.checkpoint)
+    prompt = [tok.eot_id] + tok.encode(args.prompt)
+    for i in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + i
+        sys.stdout.write(args.prompt)
+        for t in stream(model, prompt, args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=seed, eot_id=tok.eot_id):
+            if t != tok.eot_id:
+                sys.stdout.write(tok.decode([t]))
+                sys.stdout.flush()
+        sys.stdout.write("\n" if args.num_samples == 1 else "\n\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------- other commands
+
+
+def run_gradcheck(args) -> int:
+    from numformer.gradcheck import format_table, run_all
+
+    results = run_all(args.seed)
+    print(format_table(results))
+    failed = [r.name for r in results if not r.passed]
+    print(f"\n{len(results) - len(failed)}/{len(results)} checks pass (tolerance 1e-6, float64)")
+    return 1 if failed else 0
+
+
+def run_tokenizer_train(args) -> int:
+    from numformer.data import default_corpus, read_text_file
+    from numformer.tokenizers import EOT_TOKEN, ByteBPETokenizer, CharTokenizer
+
+    text = read_text_file(args.data) if args.data else EOT_TOKEN.join(default_corpus())
+    if args.kind == "char":
+        tok = CharTokenizer.train(text)
+    else:
+        if args.vocab_size < 257:
+            raise UserError(f"--vocab-size must be at least 257 for byte-level BPE, got {args.vocab_size}")
+        tok = ByteBPETokenizer.train(text, args.vocab_size, progress=True)
+    tok.save(args.out)
+    n = len(tok.encode(text, allowed_special=True))
+    print(f"wrote {args.out}: {tok.kind} tokenizer, vocab {tok.vocab_size}, "
+          f"{len(text.encode('utf-8')) / max(n, 1):.2f} bytes/token on its training text")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
