@@ -341,7 +341,7 @@ def test_clip_scales_large_gradients_to_max_norm(dtype):
     direction = g.astype(np.float64) / expected
     norm = clip_grad_norm(g, 1.0)
     assert norm == pytest.approx(expected, rel=1e-12)
-    eps = np.finfo(dtype).eps
+    eps = float(np.finfo(dtype).eps)
     assert np.linalg.norm(g.astype(np.float64)) == pytest.approx(1.0, rel=10 * eps)
     np.testing.assert_allclose(g, direction, rtol=4 * eps, atol=0)  # direction kept
 

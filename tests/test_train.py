@@ -143,3 +143,17 @@ def test_default_corpus_needs_no_download():
 def test_bpe_tokenizer_option(tmp_path):
     result = train(small_config(tmp_path, tokenizer="bpe", vocab_size=300, max_steps=4), log=quiet)
     assert result.tokenizer.kind == "bpe" and result.model.cfg.vocab_size == result.tokenizer.vocab_size
+
+
+@pytest.mark.skipif(not __import__("numformer.backend").backend.cpu_available(),
+                    reason="numformer._cpu not built")
+def test_training_losses_agree_across_backends(tmp_path):
+    """The same run on the NumPy reference and on the compiled core: float32-close losses."""
+    from numformer import backend
+
+    with backend.use("numpy"):
+        ref = train(small_config(tmp_path / "numpy"), log=quiet)
+    with backend.use("cpu"):
+        fast = train(small_config(tmp_path / "cpu"), log=quiet)
+    np.testing.assert_allclose([l for _, l in fast.losses], [l for _, l in ref.losses], rtol=1e-4)
+    np.testing.assert_allclose(fast.model.flat, ref.model.flat, atol=1e-4)

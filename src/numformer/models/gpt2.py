@@ -96,6 +96,12 @@ def param_shapes(cfg: GPT2Config) -> "OrderedDict[str, tuple[int, ...]]":
     return shapes
 
 
+def _accumulate(grads: dict, module: str, dweight: np.ndarray, dbias: np.ndarray) -> None:
+    """Add a layer's weight and bias gradients into the named gradient views."""
+    grads[module + ".weight"] += dweight
+    grads[module + ".bias"] += dbias
+
+
 class KVCache:
     """Keys and values of past positions, preallocated to ``max_len``.
 
@@ -249,8 +255,7 @@ class GPT2:
         dxf = backend.matmul(dlogits, p["wte.weight"]).reshape(B, T, C)
         g["wte.weight"] += backend.matmul(dlogits, xf.reshape(B * T, C), trans_a=True)
         dx, dgam, dbet = layernorm.backward(dxf, lnf_c)
-        g["ln_f.weight"] += dgam
-        g["ln_f.bias"] += dbet
+        _accumulate(g, "ln_f", dgam, dbet)
         for i in reversed(range(cfg.n_layer)):
             dx = self._block_backward(i, dx, layers[i], g)
         dx = dropout.backward(dx, emb_drop_c)
@@ -266,31 +271,25 @@ class GPT2:
         # --- MLP branch, reversed. x = x + m_out: the residual passes dx through unchanged.
         dm = dropout.backward(dx, drop2_c)
         dgelu, dw, db = linear.backward(dm, mproj_c)
-        g[h + "mlp.c_proj.weight"] += dw
-        g[h + "mlp.c_proj.bias"] += db
+        _accumulate(g, h + "mlp.c_proj", dw, db)
         df = gelu.backward(dgelu, gelu_c)
         dm_in, dw, db = linear.backward(df, fc_c)
-        g[h + "mlp.c_fc.weight"] += dw
-        g[h + "mlp.c_fc.bias"] += db
+        _accumulate(g, h + "mlp.c_fc", dw, db)
         dres, dgam, dbet = layernorm.backward(dm_in, ln2_c)
-        g[h + "ln_2.weight"] += dgam
-        g[h + "ln_2.bias"] += dbet
+        _accumulate(g, h + "ln_2", dgam, dbet)
         dx = dx + dres
         # --- attention branch, reversed. x = x + a_out.
         da = dropout.backward(dx, drop1_c)
         datt, dw, db = linear.backward(da, proj_c)
-        g[h + "attn.c_proj.weight"] += dw
-        g[h + "attn.c_proj.bias"] += db
+        _accumulate(g, h + "attn.c_proj", dw, db)
         datt = attention.split_heads(datt, cfg.n_head)                    # (B, H, T, D)
         dq, dk, dv = attention.backward(datt, att_c)
         dqkv = np.concatenate([attention.merge_heads(dq), attention.merge_heads(dk),
                                attention.merge_heads(dv)], axis=-1)        # (B, T, 3C)
         da_in, dw, db = linear.backward(dqkv, qkv_c)
-        g[h + "attn.c_attn.weight"] += dw
-        g[h + "attn.c_attn.bias"] += db
+        _accumulate(g, h + "attn.c_attn", dw, db)
         dres, dgam, dbet = layernorm.backward(da_in, ln1_c)
-        g[h + "ln_1.weight"] += dgam
-        g[h + "ln_1.bias"] += dbet
+        _accumulate(g, h + "ln_1", dgam, dbet)
         return dx + dres
 
     # ------------------------------------------------------------ utilities

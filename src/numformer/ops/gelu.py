@@ -48,7 +48,19 @@ def backward(dout: np.ndarray, cache) -> np.ndarray:
     x, saved, approximate = cache
     if approximate == "tanh":
         t = saved
-        local = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _K * (1.0 + 3.0 * _A * x * x)
+        # local = ½(1 + t) + ½ x (1 − t²) k (1 + 3a x²), evaluated in place: this runs on
+        # (B, T, 4C) arrays, and each temporary costs a full pass over memory.
+        local = t * t
+        np.subtract(1.0, local, out=local)                   # 1 − t²
+        local *= x
+        local *= 0.5 * _K                                    # ½ k x (1 − t²)
+        poly = x * x
+        poly *= 3.0 * _A
+        poly += 1.0                                          # 1 + 3a x²
+        local *= poly
+        np.add(t, 1.0, out=poly)
+        poly *= 0.5                                          # ½ (1 + t)
+        local += poly
     else:
         phi_cdf = saved
         local = phi_cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)

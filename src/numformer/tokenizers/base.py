@@ -30,6 +30,12 @@ def fail(source: str, problem: str) -> ValueError:
     return ValueError(f"bad tokenizer file {source}: {problem}")
 
 
+def check_version(d: dict[str, Any], source: str) -> None:
+    """Raise ValueError unless the tokenizer file is of the format version we write."""
+    if d.get("version") != FORMAT_VERSION:
+        raise fail(source, f"unsupported version {d.get('version')!r} (expected {FORMAT_VERSION})")
+
+
 def split_special(text: str, allowed_special: bool) -> list[str]:
     """Split ``text`` on the literal end-of-text token when it is allowed.
 

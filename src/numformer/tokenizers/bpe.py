@@ -34,7 +34,7 @@ import re
 from collections import Counter, defaultdict
 from typing import Any, Iterable
 
-from .base import EOT_TOKEN, FORMAT_VERSION, Tokenizer, as_id_list, fail, split_special
+from .base import EOT_TOKEN, FORMAT_VERSION, Tokenizer, as_id_list, check_version, fail, split_special
 
 # GPT-2-like chunking with stdlib ``re`` (see module docstring). Alternatives:
 #   contractions | ' '? letters | ' '? digits | ' '? other symbols
@@ -299,9 +299,7 @@ class ByteBPETokenizer(Tokenizer):
         with no repeats; the end-of-text id is ``256 + len(merges)``.
         Raises ValueError naming ``source`` and the problem.
         """
-        if d.get("version") != FORMAT_VERSION:
-            raise fail(source, f"unsupported version {d.get('version')!r} "
-                               f"(expected {FORMAT_VERSION})")
+        check_version(d, source)
         pattern = d.get("pattern")
         if not isinstance(pattern, str) or not pattern:
             raise fail(source, "'pattern' must be a non-empty string")

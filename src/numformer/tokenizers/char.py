@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from .base import EOT_TOKEN, FORMAT_VERSION, Tokenizer, as_id_list, fail, split_special
+from .base import EOT_TOKEN, FORMAT_VERSION, Tokenizer, as_id_list, check_version, fail, split_special
 
 
 class CharTokenizer(Tokenizer):
@@ -110,9 +110,7 @@ class CharTokenizer(Tokenizer):
 
         Raises ValueError naming ``source`` and the problem.
         """
-        if d.get("version") != FORMAT_VERSION:
-            raise fail(source, f"unsupported version {d.get('version')!r} "
-                               f"(expected {FORMAT_VERSION})")
+        check_version(d, source)
         chars = d.get("chars")
         if not isinstance(chars, list) or not chars:
             raise fail(source, "'chars' must be a non-empty list of characters")
