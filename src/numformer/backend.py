@@ -126,22 +126,44 @@ def _as_kernel_operand(x: np.ndarray, trans: bool):
     return np.ascontiguousarray(x), trans
 
 
-def matmul(a: np.ndarray, b: np.ndarray, trans_a: bool = False, trans_b: bool = False) -> np.ndarray:
-    """``op(a) @ op(b)`` where ``op`` optionally transposes the last two axes.
+def matmul(a: np.ndarray, b: np.ndarray, trans_a: bool = False, trans_b: bool = False, *,
+           bias: np.ndarray | None = None, out: np.ndarray | None = None,
+           accumulate: bool = False) -> np.ndarray:
+    """``op(a) @ op(b) (+ bias)`` where ``op`` optionally transposes the last two axes.
 
     a: (..., M, K) or (..., K, M) if trans_a
     b: (..., K, N) or (..., N, K) if trans_b
-    returns (..., M, N); leading (batch) axes of a and b must be equal.
+    bias: (N,) or None, added to every row
+    out: (..., M, N) or None. With ``accumulate=True`` the product is *added*
+    into ``out`` (gradient accumulation without a temporary), else written.
+    Returns the result (``out`` itself when given).
     The three forms the backward pass needs are A·B, A·Bᵀ and Aᵀ·B.
     """
-    if current() == "cpu" and a.dtype == b.dtype and a.dtype in (np.float32, np.float64) \
-            and a.ndim in (2, 3) and a.ndim == b.ndim:
+    if accumulate and out is None:
+        raise ValueError("matmul: accumulate=True needs an out array")
+    if _use_cpu_matmul(a, b, out):
         a2, ta = _as_kernel_operand(a, trans_a)
         b2, tb = _as_kernel_operand(b, trans_b)
-        return _cpu_module.matmul(a2, b2, ta, tb)
+        return _cpu_module.matmul(a2, b2, ta, tb, bias=bias, out=out, accumulate=accumulate)
     a_op = np.swapaxes(a, -1, -2) if trans_a else a
     b_op = np.swapaxes(b, -1, -2) if trans_b else b
-    return np.matmul(a_op, b_op)
+    result = np.matmul(a_op, b_op)
+    if bias is not None:
+        result += bias
+    if out is None:
+        return result
+    if accumulate:
+        out += result
+    else:
+        out[...] = result
+    return out
+
+
+def _use_cpu_matmul(a, b, out) -> bool:
+    """The kernel takes 2-D or 3-D operands of one float dtype (and a contiguous out)."""
+    return (current() == "cpu" and a.dtype == b.dtype and a.dtype in (np.float32, np.float64)
+            and a.ndim in (2, 3) and a.ndim == b.ndim
+            and (out is None or (out.dtype == a.dtype and out.flags.c_contiguous)))
 
 
 # --------------------------------------------------------------------------

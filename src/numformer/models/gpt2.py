@@ -102,6 +102,12 @@ def _accumulate(grads: dict, module: str, dweight: np.ndarray, dbias: np.ndarray
     grads[module + ".bias"] += dbias
 
 
+def _linear_backward(dout: np.ndarray, cache, grads: dict, module: str) -> np.ndarray:
+    """linear.backward with dW and db added straight into the gradient buffer; returns dx."""
+    dx, _, _ = linear.backward(dout, cache, grads=(grads[module + ".weight"], grads[module + ".bias"]))
+    return dx
+
+
 class KVCache:
     """Keys and values of past positions, preallocated to ``max_len``.
 
@@ -253,7 +259,7 @@ class GPT2:
         dlogits = cross_entropy.backward(dloss, ce_c).reshape(B * T, cfg.vocab_size)   # (BT, V)
         # logits = xf · wteᵀ  ⇒  dxf = dlogits · wte,  dwte += dlogitsᵀ · xf
         dxf = backend.matmul(dlogits, p["wte.weight"]).reshape(B, T, C)
-        g["wte.weight"] += backend.matmul(dlogits, xf.reshape(B * T, C), trans_a=True)
+        backend.matmul(dlogits, xf.reshape(B * T, C), trans_a=True, out=g["wte.weight"], accumulate=True)
         dx, dgam, dbet = layernorm.backward(dxf, lnf_c)
         _accumulate(g, "ln_f", dgam, dbet)
         for i in reversed(range(cfg.n_layer)):
@@ -270,24 +276,20 @@ class GPT2:
         (ln1_c, qkv_c, att_c, proj_c, drop1_c, ln2_c, fc_c, gelu_c, mproj_c, drop2_c) = layer_c
         # --- MLP branch, reversed. x = x + m_out: the residual passes dx through unchanged.
         dm = dropout.backward(dx, drop2_c)
-        dgelu, dw, db = linear.backward(dm, mproj_c)
-        _accumulate(g, h + "mlp.c_proj", dw, db)
+        dgelu = _linear_backward(dm, mproj_c, g, h + "mlp.c_proj")
         df = gelu.backward(dgelu, gelu_c)
-        dm_in, dw, db = linear.backward(df, fc_c)
-        _accumulate(g, h + "mlp.c_fc", dw, db)
+        dm_in = _linear_backward(df, fc_c, g, h + "mlp.c_fc")
         dres, dgam, dbet = layernorm.backward(dm_in, ln2_c)
         _accumulate(g, h + "ln_2", dgam, dbet)
         dx = dx + dres
         # --- attention branch, reversed. x = x + a_out.
         da = dropout.backward(dx, drop1_c)
-        datt, dw, db = linear.backward(da, proj_c)
-        _accumulate(g, h + "attn.c_proj", dw, db)
+        datt = _linear_backward(da, proj_c, g, h + "attn.c_proj")
         datt = attention.split_heads(datt, cfg.n_head)                    # (B, H, T, D)
         dq, dk, dv = attention.backward(datt, att_c)
         dqkv = np.concatenate([attention.merge_heads(dq), attention.merge_heads(dk),
                                attention.merge_heads(dv)], axis=-1)        # (B, T, 3C)
-        da_in, dw, db = linear.backward(dqkv, qkv_c)
-        _accumulate(g, h + "attn.c_attn", dw, db)
+        da_in = _linear_backward(dqkv, qkv_c, g, h + "attn.c_attn")
         dres, dgam, dbet = layernorm.backward(da_in, ln1_c)
         _accumulate(g, h + "ln_1", dgam, dbet)
         return dx + dres

@@ -18,13 +18,11 @@ def forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None):
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"linear: x has {x.shape[-1]} features but w is {w.shape}")
     x2 = x.reshape(-1, x.shape[-1])                  # (N, C_in), N = prod(leading dims)
-    out = backend.matmul(x2, w)                      # (N, C_out)   A·B
-    if b is not None:
-        out += b
+    out = backend.matmul(x2, w, bias=b)              # (N, C_out)   A·B + b (bias fused in the kernel)
     return out.reshape(x.shape[:-1] + (w.shape[1],)), (x, w, b is not None)
 
 
-def backward(dout: np.ndarray, cache):
+def backward(dout: np.ndarray, cache, grads: tuple[np.ndarray, np.ndarray | None] | None = None):
     """dout: (..., C_out) -> dx (..., C_in), dw (C_in, C_out), db (C_out,) or None.
 
     Forward line: ``out[n, j] = Σ_i x[n, i] w[i, j] + b[j]``.
@@ -32,11 +30,21 @@ def backward(dout: np.ndarray, cache):
     * ``∂out[n,j]/∂x[n,i] = w[i,j]``  ⇒  ``dx = dout @ wᵀ``   (A·Bᵀ)
     * ``∂out[n,j]/∂w[i,j] = x[n,i]``  ⇒  ``dw = xᵀ @ dout``   (Aᵀ·B), summed over all n
     * ``∂out[n,j]/∂b[j] = 1``        ⇒  ``db = Σ_n dout[n]``
+
+    ``grads=(dw_acc, db_acc)``: add dw and db into these arrays instead of
+    returning fresh ones (a model's gradient buffer accumulates without a
+    weight-sized temporary); they are returned as dw, db.
     """
     x, w, has_bias = cache
     x2 = x.reshape(-1, x.shape[-1])                  # (N, C_in)
     d2 = dout.reshape(-1, dout.shape[-1])            # (N, C_out)
     dx = backend.matmul(d2, w, trans_b=True)         # (N, C_out)·(C_out, C_in) -> (N, C_in)
-    dw = backend.matmul(x2, d2, trans_a=True)        # (C_in, N)·(N, C_out) -> (C_in, C_out)
-    db = d2.sum(axis=0) if has_bias else None        # (C_out,)
+    if grads is None:
+        dw = backend.matmul(x2, d2, trans_a=True)    # (C_in, N)·(N, C_out) -> (C_in, C_out)
+        db = d2.sum(axis=0) if has_bias else None    # (C_out,)
+    else:
+        dw, db = grads
+        backend.matmul(x2, d2, trans_a=True, out=dw, accumulate=True)
+        if has_bias:
+            db += d2.sum(axis=0)
     return dx.reshape(x.shape), dw, db
