@@ -280,6 +280,27 @@ that is entirely -inf gives all zeros; a row containing NaN or +inf gives NaN.)d
           "Compiler, OpenMP, SIMD and thread settings of this build, as one line.");
     m.attr("__build_info__") = nc::build_info();
 
+    m.def("measure_fma_peak",
+          [](double seconds, int threads) {
+              if (!(seconds > 0) || seconds > 60)
+                  throw py::value_error("measure_fma_peak: seconds must be in (0, 60]");
+              if (threads < 1) throw py::value_error("measure_fma_peak: threads must be >= 1");
+              py::gil_scoped_release release;
+              return nc::measure_fma_peak(seconds, threads);
+          },
+          py::arg("seconds") = 0.5, py::arg("threads") = 1,
+          "GFLOP/s of an FMA-bound loop (widest vectors of the active ISA) on `threads` threads.");
+    m.def("measure_copy_bandwidth",
+          [](std::int64_t nbytes, int threads) {
+              if (nbytes < 1 || nbytes > (std::int64_t(1) << 36))
+                  throw py::value_error("measure_copy_bandwidth: nbytes must be in [1, 2**36]");
+              if (threads < 1) throw py::value_error("measure_copy_bandwidth: threads must be >= 1");
+              py::gil_scoped_release release;
+              return nc::measure_copy_bandwidth(nbytes, threads);
+          },
+          py::arg("nbytes") = std::int64_t(256) << 20, py::arg("threads") = 1,
+          "GB/s (bytes read + written) of copying nbytes between two buffers on `threads` threads.");
+
     const std::string warnings = nc::env_warnings();
     if (!warnings.empty()) {
         if (PyErr_WarnEx(PyExc_RuntimeWarning, ("numformer._cpu: " + warnings).c_str(), 1) < 0)
