@@ -47,9 +47,12 @@ except Exception:  # pragma: no cover - fallback with the same documented semant
 
 ISAS = _cpu.available_isas()
 DTYPES = [np.float32, np.float64]
-# Sizes that stress the blocking: 0, 1, primes, register-tile and vector
-# edges (15/16/17, 31/32/33 ...), cache-block edges (127/128/129, 143/144/145).
-EDGE_SIZES = [0, 1, 2, 3, 5, 7, 11, 13, 15, 16, 17, 31, 32, 33, 63, 64, 65, 97, 127, 128, 129, 144, 145]
+# Sizes that stress the blocking: 0, 1, primes, register-tile edges of every
+# variant (MR = 4/6/12 → 11/12/13, 23/24/25; NR = 8/16/32 → 15/16/17, 31/32/33,
+# 63/64/65) and the few-rows cut-off (4/5). Cache-block edges (KC, NC = 384,
+# MC = 3072, …) are too large for random draws: test_matmul_block_edges.
+EDGE_SIZES = [0, 1, 2, 3, 4, 5, 7, 11, 12, 13, 15, 16, 17, 23, 24, 25, 31, 32, 33, 63, 64, 65, 97, 127,
+              128, 129]
 sizes = st.one_of(st.sampled_from(EDGE_SIZES), st.integers(0, 160))
 
 
@@ -167,6 +170,54 @@ def test_matmul_large_k(dtype, trans_a, trans_b, m, n, k):
             got = _cpu.matmul(a, b, trans_a, trans_b)
         expected = np.matmul(op(a, trans_a).astype(np.float64), op(b, trans_b).astype(np.float64))
         assert_within(got, expected, matmul_tolerance(op(a, trans_a), op(b, trans_b), k, dtype), f"{isa}")
+
+
+# Cache-block edges of the AVX-512 float kernel (MR×NR = 12×32, KC = NC = 384,
+# MC = 3072) and of the others (KC = 256, NC = 256/320/512, MC = 2048/2304):
+# one dimension just below / at / above an edge, the others small but not tile
+# multiples, so each case is cheap. K = 385 and 769 give unequal balanced
+# slices; M = 3073 gives two A blocks; N = 769 three B blocks.
+BLOCK_EDGES = [(13, 31, 383), (13, 31, 384), (13, 31, 385), (11, 33, 769), (25, 17, 257),
+               (13, 383, 37), (13, 384, 37), (13, 385, 37), (11, 767, 29), (11, 769, 29), (7, 513, 33),
+               (3071, 13, 19), (3072, 13, 19), (3073, 13, 19), (2049, 9, 21), (2305, 9, 21),
+               (401, 401, 401)]
+
+
+@pytest.mark.parametrize("m,n,k", BLOCK_EDGES)
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
+def test_matmul_block_edges(m, n, k, trans_a, trans_b):
+    """Every variant, float32, with bias and accumulate, across cache-block edges."""
+    rng = np.random.default_rng(m * 7 + n * 3 + k)
+    a, b = random_operands(rng, np.float32, None, m, n, k, trans_a, trans_b)
+    bias = rng.standard_normal(n).astype(np.float32)
+    old = rng.standard_normal((m, n)).astype(np.float32)
+    expected = np.matmul(op(a, trans_a).astype(np.float64), op(b, trans_b).astype(np.float64)) + bias + old
+    tol = matmul_tolerance(op(a, trans_a), op(b, trans_b), k, np.float32, np.abs(bias) + np.abs(old))
+    for isa in ISAS:
+        out = old.copy()
+        with using_isa(isa):
+            _cpu.matmul(a, b, trans_a, trans_b, bias=bias, out=out, accumulate=True)
+        assert_within(out, expected, tol, f"{isa} {m}x{k}x{n} ta={trans_a} tb={trans_b}")
+
+
+@pytest.mark.parametrize("batch", [2, 9])
+def test_matmul_batched_drivers_agree(batch):
+    """batch ≥ 4·threads runs one whole product per thread, smaller batches share
+    every product between threads: both give the same bits as one thread."""
+    rng = np.random.default_rng(batch)
+    a = rng.standard_normal((batch, 150, 200)).astype(np.float32)
+    b = rng.standard_normal((batch, 333, 200)).astype(np.float32)
+    before = _cpu.num_threads()
+    try:
+        _cpu.set_num_threads(1)
+        one = _cpu.matmul(a, b, False, True)
+        _cpu.set_num_threads(2)
+        two = _cpu.matmul(a, b, False, True)
+    finally:
+        _cpu.set_num_threads(before)
+    assert np.array_equal(one, two)
+    expected = a.astype(np.float64) @ np.swapaxes(b, -1, -2)
+    assert_within(two, expected, matmul_tolerance(a, np.swapaxes(b, -1, -2), 200, np.float32), "batched")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -480,6 +531,139 @@ def test_backend_softmax_non_contiguous():
                                        rtol=1e-4, atol=1e-6)
 
 
+# ---- scale, additive masks, causal -------------------------------------------
+
+def masked_reference(x, scale, mask, causal):
+    """softmax(scale·x + mask) with causal positions at −inf, in float64."""
+    x64 = x.astype(np.float64)
+    m64 = None if mask is None else mask.astype(np.float64)
+    return softmax_reference(backend._masked_logits(x64, scale, m64, causal))
+
+
+MASK_KINDS = ["none", "keys", "square", "padding", "full"]
+
+
+def make_mask(rng, kind, shape, dtype, masked_fraction):
+    """An additive mask of the given broadcast kind for x of `shape` (..., Tq, Tk)."""
+    tq, tk = shape[-2], shape[-1]
+    mshape = {"none": None, "keys": (tk,), "square": (tq, tk),
+              "padding": shape[:-2] + (1, tk) if len(shape) > 2 else (1, tk), "full": shape}[kind]
+    if mshape is None:
+        return None
+    mask = rng.standard_normal(mshape) * 3
+    mask[rng.random(mshape) < masked_fraction] = -np.inf
+    return mask.astype(dtype)
+
+
+@settings(deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    tq=st.sampled_from([1, 2, 5, 16, 17, 33]),
+    tk=st.sampled_from([1, 3, 15, 16, 17, 31, 33, 64, 100]),
+    dtype=st.sampled_from(DTYPES),
+    kind=st.sampled_from(MASK_KINDS),
+    masked=st.sampled_from([0.0, 0.3, 1.0]),
+    causal=st.booleans(),
+    scale=st.sampled_from([1.0, 0.125, 2.5]),
+    isa=st.sampled_from(ISAS),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_softmax_mask_and_causal(lead, tq, tk, dtype, kind, masked, causal, scale, isa, seed):
+    """softmax(scale·x + mask), causal or not, against the NumPy definition.
+
+    Tolerance: softmax_tolerance for the logits z = s·x + mask (|z| bounds the
+    extra rounding of the product and the sum: 2·eps·max|z| relative).
+    Causal with Tq > Tk leaves the first Tq − Tk rows without keys: zeros.
+    """
+    rng = np.random.default_rng(seed)
+    shape = tuple(lead) + (tq, tk)
+    x = make_logits(rng, shape, dtype, 4.0, 0.0)
+    mask = make_mask(rng, kind, shape, dtype, masked)
+    with using_isa(isa):
+        y = _cpu.softmax_forward(x, scale=scale, mask=mask, causal=causal)
+    expected = masked_reference(x, scale, mask, causal)
+    z = np.abs(scale * x.astype(np.float64)) + (0 if mask is None else np.abs(mask.astype(np.float64)))
+    z = z[np.isfinite(z)]
+    e = eps(dtype)
+    rtol = (8 + tk / 16 + 16) * e + 2 * e * (z.max() if z.size else 0.0)
+    assert_within(y, expected, e + rtol * np.abs(expected), f"masked softmax {isa} {kind} causal={causal}")
+    if causal:
+        visible = np.arange(tk)[None, :] <= np.arange(tq)[:, None] + (tk - tq)
+        assert np.all(y[..., ~visible] == 0)
+    dead = ~np.any(expected > 0, axis=-1)  # fully masked rows: exactly zero, not NaN
+    assert np.all(y[dead] == 0)
+    # the backend routes the same arguments (and agrees with NumPy's backend)
+    with backend.use("cpu"), using_isa(isa):
+        yb = backend.softmax(x, scale=scale, mask=mask, causal=causal)
+    assert np.array_equal(y, yb)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", ISAS)
+def test_softmax_fully_masked_rows_and_long_causal(dtype, isa):
+    """Whole rows masked by the mask or by causality (Tq > Tk) are zeros; a
+    50257-long row with a mask hits the vector tails."""
+    x = np.zeros((2, 6, 4), dtype)
+    mask = np.zeros((6, 4), dtype)
+    mask[1] = -np.inf
+    with using_isa(isa):
+        y = _cpu.softmax_forward(x, mask=mask, causal=True)  # Tq = 6 > Tk = 4: rows 0, 1 see no key
+    assert np.array_equal(y[:, :2], np.zeros((2, 2, 4), dtype))
+    np.testing.assert_allclose(y[:, 2], np.broadcast_to([1, 0, 0, 0], (2, 4)), atol=eps(dtype))
+    np.testing.assert_allclose(y[:, 5], 0.25, rtol=4 * eps(dtype))
+    rng = np.random.default_rng(8)
+    xl = make_logits(rng, (3, 50257), dtype, 5.0, 0.0)
+    ml = make_logits(rng, (50257,), dtype, 1.0, 0.5)
+    with using_isa(isa):
+        yl = _cpu.softmax_forward(xl, mask=ml, scale=0.5)
+    expected = masked_reference(xl, 0.5, ml, False)
+    atol, rtol = softmax_tolerance(xl, dtype, 1.0)
+    assert_within(yl, expected, atol + (rtol + 2 * eps(dtype) * 20) * np.abs(expected), "long masked row")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_backward_scale(dtype):
+    """softmax_backward(dy, y, scale=s) = s · softmax_backward(dy, y): the gradient
+    of softmax(s·x + mask) with respect to x."""
+    rng = np.random.default_rng(9)
+    y = softmax_reference(rng.standard_normal((7, 300))).astype(dtype)
+    dy = rng.standard_normal((7, 300)).astype(dtype)
+    s = 0.125  # a power of two: scaling is exact
+    np.testing.assert_array_equal(_cpu.softmax_backward(dy, y, scale=s), s * _cpu.softmax_backward(dy, y))
+    with backend.use("numpy"):
+        ref = backend.softmax_backward(dy.astype(np.float64), y.astype(np.float64), scale=s)
+    np.testing.assert_allclose(_cpu.softmax_backward(dy, y, scale=s), ref, rtol=50 * eps(dtype), atol=50 * eps(dtype))
+
+
+def test_softmax_mask_errors():
+    x = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"mask of shape \(3, 5\) does not broadcast to x of shape \(2, 3, 4\)"):
+        _cpu.softmax_forward(x, mask=np.zeros((3, 5), np.float32))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        _cpu.softmax_forward(x, mask=np.zeros((3, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        _cpu.softmax_forward(x, mask=np.zeros((1, 2, 3, 4), np.float32))
+    with pytest.raises(TypeError, match="dtypes differ"):
+        _cpu.softmax_forward(x, mask=np.zeros(4))
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        _cpu.softmax_forward(x, mask=np.zeros((4, 3), np.float32).T)
+    with pytest.raises(ValueError, match="causal=True needs"):
+        _cpu.softmax_forward(np.zeros(4, np.float32), causal=True)
+
+
+def test_backend_softmax_mask_views_match_numpy():
+    """Non-contiguous x and mask through the backend; NumPy backend as the oracle."""
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 3, 8, 10)).astype(np.float32)
+    mask = np.where(rng.random((10, 8)) < 0.2, -np.inf, 0).astype(np.float32).T  # (8, 10) view
+    xv = np.swapaxes(np.ascontiguousarray(np.swapaxes(x, 1, 2)), 1, 2)            # same values, strided
+    with backend.use("numpy"):
+        ref = backend.softmax(x.astype(np.float64), scale=0.3, mask=mask.astype(np.float64), causal=True)
+    with backend.use("cpu"):
+        got = backend.softmax(xv, scale=0.3, mask=mask, causal=True)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------
 # bad input: TypeError / ValueError, never a crash
 # ---------------------------------------------------------------------------
@@ -630,3 +814,15 @@ def test_isa_environment_variable():
     r = _child("import numformer._cpu as c; print(c.isa())", NUMFORMER_ISA="generic")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "generic"
+
+
+def test_machine_ceilings():
+    """The benchmark suite's roofline probes run and return plausible numbers."""
+    peak = _cpu.measure_fma_peak(0.05, 1)
+    assert 0.1 < peak < 1e5  # GFLOP/s
+    bw = _cpu.measure_copy_bandwidth(4 << 20, 2)
+    assert 0.01 < bw < 1e4  # GB/s
+    with pytest.raises(ValueError):
+        _cpu.measure_fma_peak(0.0, 1)
+    with pytest.raises(ValueError):
+        _cpu.measure_copy_bandwidth(1 << 20, 0)

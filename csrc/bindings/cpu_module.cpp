@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -149,7 +150,59 @@ py::array matmul(const py::object& a_obj, const py::object& b_obj, bool trans_a,
 // softmax
 // ---------------------------------------------------------------------------
 
-py::array softmax_forward(const py::object& x_obj, double scale) {
+// The mask broadcasts against x's leading axes (numpy rules, aligned from
+// the right); its last axis must be x's last axis (a mask constant along the
+// keys would cancel out).
+template <typename T>
+nc::SoftmaxMask<T> softmax_mask(const py::array& x, const py::object& mask_obj, bool causal,
+                                const char* fn) {
+    nc::SoftmaxMask<T> mk;
+    const py::ssize_t nd = x.ndim();
+    if (causal) {
+        if (nd < 2) {
+            throw py::value_error(std::string(fn) + ": causal=True needs x with at least 2 dimensions "
+                                  "(..., Tq, Tk), got shape " + shape_str(x));
+        }
+        mk.causal_tq = x.shape(nd - 2);
+    }
+    if (mask_obj.is_none()) return mk;
+    py::array mask = require_array(mask_obj, fn, "mask");
+    const DType dm = require_float(mask, fn, "mask");
+    require_same_dtype(x, std::is_same<T, float>::value ? DType::f32 : DType::f64, mask, dm, fn,
+                       "x", "mask");
+    require_layout(mask, fn, "mask");
+    const py::ssize_t md = mask.ndim();
+    bool ok = md >= 1 && md <= nd && mask.shape(md - 1) == x.shape(nd - 1);
+    for (py::ssize_t d = 1; ok && d < md; ++d) {
+        const py::ssize_t ms = mask.shape(md - 1 - d), xs = x.shape(nd - 1 - d);
+        ok = ms == xs || ms == 1;
+    }
+    if (!ok) {
+        throw py::value_error(std::string(fn) + ": mask of shape " + shape_str(mask) +
+                              " does not broadcast to x of shape " + shape_str(x) +
+                              " (its last axis must equal x's)");
+    }
+    if (nd - 1 > nc::kSoftmaxMaxLead) {
+        throw py::value_error(std::string(fn) + ": with a mask, x may have at most " +
+                              std::to_string(nc::kSoftmaxMaxLead + 1) + " dimensions, got " +
+                              shape_str(x));
+    }
+    mk.add = static_cast<const T*>(mask.data());
+    mk.lead_ndim = int(nd - 1);
+    // Row strides of the mask, in rows, for each leading axis of x.
+    index_t stride = 1;
+    for (py::ssize_t d = nd - 2; d >= 0; --d) {
+        mk.lead_shape[d] = x.shape(d);
+        const py::ssize_t md_axis = d - (nd - md);  // the mask's axis aligned with x's axis d
+        const index_t size = md_axis >= 0 ? mask.shape(md_axis) : 1;
+        mk.row_stride[d] = size == 1 ? 0 : stride;
+        stride *= size;
+    }
+    return mk;
+}
+
+py::array softmax_forward(const py::object& x_obj, double scale, const py::object& mask_obj,
+                          bool causal) {
     const char* fn = "softmax_forward";
     py::array x = require_array(x_obj, fn, "x");
     const DType dt = require_float(x, fn, "x");
@@ -159,22 +212,24 @@ py::array softmax_forward(const py::object& x_obj, double scale) {
     const index_t n = x.shape(x.ndim() - 1);
     const index_t rows = n == 0 ? 0 : x.size() / n;
     if (dt == DType::f32) {
+        const nc::SoftmaxMask<float> mk = softmax_mask<float>(x, mask_obj, causal, fn);
         py::array_t<float> y(shape);
         const float* xp = static_cast<const float*>(x.data());
         float* yp = y.mutable_data();
         py::gil_scoped_release release;
-        nc::softmax_forward<float>(xp, yp, rows, n, static_cast<float>(scale));
+        nc::softmax_forward<float>(xp, yp, rows, n, static_cast<float>(scale), mk);
         return std::move(y);
     }
+    const nc::SoftmaxMask<double> mk = softmax_mask<double>(x, mask_obj, causal, fn);
     py::array_t<double> y(shape);
     const double* xp = static_cast<const double*>(x.data());
     double* yp = y.mutable_data();
     py::gil_scoped_release release;
-    nc::softmax_forward<double>(xp, yp, rows, n, scale);
+    nc::softmax_forward<double>(xp, yp, rows, n, scale, mk);
     return std::move(y);
 }
 
-py::array softmax_backward(const py::object& dy_obj, const py::object& y_obj) {
+py::array softmax_backward(const py::object& dy_obj, const py::object& y_obj, double scale) {
     const char* fn = "softmax_backward";
     py::array dy = require_array(dy_obj, fn, "dy");
     py::array y = require_array(y_obj, fn, "y");
@@ -198,7 +253,7 @@ py::array softmax_backward(const py::object& dy_obj, const py::object& y_obj) {
         const float* yp = static_cast<const float*>(y.data());
         float* dxp = dx.mutable_data();
         py::gil_scoped_release release;
-        nc::softmax_backward<float>(dyp, yp, dxp, rows, n);
+        nc::softmax_backward<float>(dyp, yp, dxp, rows, n, static_cast<float>(scale));
         return std::move(dx);
     }
     py::array_t<double> dx(shape);
@@ -206,7 +261,7 @@ py::array softmax_backward(const py::object& dy_obj, const py::object& y_obj) {
     const double* yp = static_cast<const double*>(y.data());
     double* dxp = dx.mutable_data();
     py::gil_scoped_release release;
-    nc::softmax_backward<double>(dyp, yp, dxp, rows, n);
+    nc::softmax_backward<double>(dyp, yp, dxp, rows, n, scale);
     return std::move(dx);
 }
 
@@ -258,14 +313,21 @@ or writes into ``out``: out = op(a)·op(b) + bias, or with accumulate=True
 out += op(a)·op(b) + bias. bias: 1-D of length N, added to every row.)doc");
 
     m.def("softmax_forward", &softmax_forward, py::arg("x"), py::kw_only(),
-          py::arg("scale") = 1.0,
-          R"doc(softmax(scale * x) over the last axis (x: any shape with ndim >= 1).
+          py::arg("scale") = 1.0, py::arg("mask") = py::none(), py::arg("causal") = false,
+          R"doc(softmax(scale * x + mask) over the last axis (x: any shape with ndim >= 1).
 
+mask: optional additive mask of x's dtype, C-contiguous, broadcasting against x
+(e.g. (Tq, Tk) for every head, (B, 1, 1, Tk) for padding, or x's own shape); its
+last axis must equal x's. causal: x is (..., Tq, Tk) and query i sees keys
+j <= i + Tk - Tq only (the others count as -inf).
 Numerically stable (the row maximum is subtracted). -inf entries give 0; a row
-that is entirely -inf gives all zeros; a row containing NaN or +inf gives NaN.)doc");
+with no finite entry (fully masked) gives all zeros; a row containing NaN or
++inf gives NaN.)doc");
 
-    m.def("softmax_backward", &softmax_backward, py::arg("dy"), py::arg("y"),
-          "dx = y * (dy - sum(dy * y, axis=-1, keepdims=True)), y = softmax output.");
+    m.def("softmax_backward", &softmax_backward, py::arg("dy"), py::arg("y"), py::kw_only(),
+          py::arg("scale") = 1.0,
+          "dx = scale * y * (dy - sum(dy * y, axis=-1, keepdims=True)), y = softmax output\n"
+          "(the gradient with respect to x of softmax(scale * x + mask)).");
 
     m.def("num_threads", &nc::num_threads,
           "Threads a kernel may use (NUMFORMER_NUM_THREADS, else OpenMP's default).");
@@ -279,6 +341,27 @@ that is entirely -inf gives all zeros; a row containing NaN or +inf gives NaN.)d
     m.def("build_info", &nc::build_info,
           "Compiler, OpenMP, SIMD and thread settings of this build, as one line.");
     m.attr("__build_info__") = nc::build_info();
+
+    m.def("measure_fma_peak",
+          [](double seconds, int threads) {
+              if (!(seconds > 0) || seconds > 60)
+                  throw py::value_error("measure_fma_peak: seconds must be in (0, 60]");
+              if (threads < 1) throw py::value_error("measure_fma_peak: threads must be >= 1");
+              py::gil_scoped_release release;
+              return nc::measure_fma_peak(seconds, threads);
+          },
+          py::arg("seconds") = 0.5, py::arg("threads") = 1,
+          "GFLOP/s of an FMA-bound loop (widest vectors of the active ISA) on `threads` threads.");
+    m.def("measure_copy_bandwidth",
+          [](std::int64_t nbytes, int threads) {
+              if (nbytes < 1 || nbytes > (std::int64_t(1) << 36))
+                  throw py::value_error("measure_copy_bandwidth: nbytes must be in [1, 2**36]");
+              if (threads < 1) throw py::value_error("measure_copy_bandwidth: threads must be >= 1");
+              py::gil_scoped_release release;
+              return nc::measure_copy_bandwidth(nbytes, threads);
+          },
+          py::arg("nbytes") = std::int64_t(256) << 20, py::arg("threads") = 1,
+          "GB/s (bytes read + written) of copying nbytes between two buffers on `threads` threads.");
 
     const std::string warnings = nc::env_warnings();
     if (!warnings.empty()) {

@@ -1,36 +1,72 @@
 // gemm.cpp — cache-blocked, packed matrix product with a register-tiled
-// micro-kernel (the classic Goto/BLIS structure, written plainly).
+// micro-kernel: the Goto/BLIS algorithm, written for row-major C.
 //
-// C (M×N) = op(A) (M×K) · op(B) (K×N) is cut into tiles of at most MC×NC
-// elements of C; each tile is one task for one thread. Inside a task:
+// C (M×N) = op(A) (M×K) · op(B) (K×N). The five loops, outermost first:
 //
-//   for p0 in 0..K step KC:                     depth slice
-//     pack op(A)[tile rows, p0:p0+KC]  -> Ap    (MC×KC, stays in L2)
-//     pack op(B)[p0:p0+KC, tile cols]  -> Bp    (KC×NC)
-//     for each NR-wide column panel of Bp:      (KC×NR, stays in L1)
-//       for each MR-tall row panel of Ap:
-//         C[MR×NR] += Ap_panel · Bp_panel       micro-kernel, all in registers
+//   for ic in 0..M step MC:          A block: MC rows        (shared, ~L3)
+//     for pc in 0..K step KC:        depth slice
+//       pack op(A)[ic:+MC, pc:+KC] -> Ap    (all threads, split by MR panels)
+//       for jc in 0..N step NC:      B block: NC columns      (shared, ~L2)
+//         pack op(B)[pc:+KC, jc:+NC] -> Bp  (all threads, split by NR panels)
+//         for ir over MR-row panels of Ap   <- threads take panels dynamically
+//           for jr over NR-column panels of Bp
+//             C[ir:+MR, jr:+NR] += Ap_panel · Bp_panel     micro-kernel
 //
-// Packing copies each slice into the order the micro-kernel reads it
-// (contiguous, zero-padded to whole MR/NR panels), so
-//   * the four transpose combinations only differ in the packing loops,
-//   * the micro-kernel has no edge cases inside its k loop,
-//   * every load in the hot loop is unit-stride.
-// Products with at most kSmallM rows (a single token during sampling) skip
-// packing and stream B as stored (compute_rows below).
+// Why this order (numbers for AVX-512 float: MR×NR = 12×32, KC = 384):
+//  * The micro-kernel broadcasts one element of A per row and multiplies it
+//    with NR/16 vectors of B: per step of k, 12 broadcasts + 2 vector loads
+//    feed 24 FMAs, and the 12×32 tile of C lives in 24 zmm registers.
+//  * The A micro-panel (MR×KC = 18 KiB) is reused by every NR panel of the B
+//    block in the jr loop, so it stays in L1 (32 KiB); the B micro-panels
+//    (KC×NR = 48 KiB each) stream from the B block, which is sized to stay in
+//    L2 (KC×NC = 384×384×4 B = 576 KiB of the 1 MiB L2). Streaming 128 B of B
+//    per 24 FMAs is ~5 B/cycle, far below L2 bandwidth.
+//  * Each B block is packed ONCE and shared by all threads (both cores read it
+//    into their own L2); the threads split the M panels. Each A block is
+//    likewise packed once and shared (it is read once per B block, from L3).
+//    Packing therefore costs one copy of op(B) per A block (M/MC copies in
+//    all) and one copy of op(A) in total — a few percent of the flops even
+//    for N = 768. (Per-thread repacking of B was what made the first version
+//    lose to OpenBLAS.)
+//  * KC large (384) means C is read and written only K/KC times; the write-
+//    back of the first slice also applies bias / keeps the old C (accumulate),
+//    so no separate pass over C is ever made.
+//  * The B block is double-buffered: threads pack block g+1 into the other
+//    buffer while others still compute on block g. Work is handed out as
+//    small tasks (pack one panel / compute one A panel × the B block) from a
+//    ticket counter, with no barriers (see blocked_shared): on these shared,
+//    noisy 2-core machines a barrier per block lost 30-40% whenever the OS
+//    descheduled one thread.
 //
-// Each element of C is produced by exactly one task with a fixed summation
-// order, so results do not depend on the number of threads (they do depend,
-// in the last bits, on the instruction set, which decides where FMAs are used
-// and the KC slicing).
+// Packing copies each block into the order the micro-kernel reads it
+// (contiguous, zero-padded to whole MR/NR panels), so the four transpose
+// combinations only differ in the packing loops and the micro-kernel's k loop
+// never sees a stride or an edge. Edges are handled at write-back (masked
+// stores on AVX-512, a scalar copy elsewhere).
+//
+// Determinism: the depth slicing (KC, and the balanced slice length derived
+// from K) depends only on K and the instruction set, and every element of C
+// is produced by exactly one thread, slice after slice in order; so results
+// do not depend on the thread count or on which driver (shared blocks, or
+// one whole product per thread for batches) ran them.
+//
+// Products with at most kSmallM rows (one token during sampling) skip packing
+// and stream B as stored (compute_rows below).
 #include "cpu/gemm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <memory>
 #include <new>
+#include <thread>
+#include <vector>
 
 #include "cpu/reduce.h"
 
+#if NUMFORMER_X86_DISPATCH
+#include <immintrin.h>
+#endif
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -41,27 +77,29 @@ namespace {
 index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
 index_t round_up(index_t a, index_t b) { return ceil_div(a, b) * b; }
 
-// One variant of the kernel: register tile MR×NR built from VB-byte vectors,
-// cache blocks KC (depth), MC (rows per task) and NC (columns per task).
-//   KC·NR·sizeof(T) ≈ 16 KiB so a B micro-panel sits in half of L1;
-//   MC·KC·sizeof(T) ≈ 72-576 KiB so the A block sits in L2;
-//   MC, NC are also the task grain for threading.
+// One variant of the kernel: register tile MR×NR built from VB-byte vectors;
+// cache blocks KC (depth, max), MC (A block rows, max), NC (B block columns, max).
+//   MR·KC·sizeof(T) ≲ 18 KiB: the A micro-panel stays in L1;
+//   KC·NC·sizeof(T) ≲ 512 KiB: the B block stays in (a 1 MiB) L2;
+//   MC·KC·sizeof(T) ≲ 4.5 MiB: the shared A block stays in L3.
 template <typename T_, int MR_, int NR_, int VB_, int KC_, int MC_, int NC_>
 struct Config {
     using T = T_;
     static constexpr int MR = MR_, NR = NR_, VB = VB_, KC = KC_, MC = MC_, NC = NC_;
-    static_assert(MC % MR == 0 && NC % NR == 0, "blocks are whole panels");
+    static_assert(MC % MR == 0 && NC % NR == 0 && KC % 4 == 0, "blocks are whole panels");
 };
 
-// AVX-512: 32 zmm registers; 12×2 accumulators + 2 for B + 1 broadcast.
-using Avx512F32 = Config<float, 12, 32, 64, 128, 144, 256>;
-using Avx512F64 = Config<double, 12, 16, 64, 128, 144, 256>;
+// AVX-512: 32 zmm registers; 12×2 accumulators + 2 for B + broadcasts.
+// KC = 384, NC = 384: B block 576 KiB (measured against NC = 320 / 512 and
+// KC = 256 / 512 on the GPT-2 shapes: within 1-3%, this the best overall).
+using Avx512F32 = Config<float, 12, 32, 64, 384, 3072, 384>;
+using Avx512F64 = Config<double, 12, 16, 64, 256, 2304, 256>;
 // AVX2+FMA: 16 ymm registers; 6×2 accumulators + 2 for B + 1 broadcast.
-using Avx2F32 = Config<float, 6, 16, 32, 256, 144, 256>;
-using Avx2F64 = Config<double, 6, 8, 32, 256, 144, 256>;
+using Avx2F32 = Config<float, 6, 16, 32, 384, 3072, 320>;
+using Avx2F64 = Config<double, 6, 8, 32, 256, 2304, 256>;
 // Baseline (SSE2 on x86-64, NEON on aarch64): 16-byte vectors, 4×2 accumulators.
-using GenericF32 = Config<float, 4, 8, 16, 512, 144, 256>;
-using GenericF64 = Config<double, 4, 4, 16, 512, 144, 256>;
+using GenericF32 = Config<float, 4, 8, 16, 256, 2048, 512>;
+using GenericF64 = Config<double, 4, 4, 16, 256, 2048, 256>;
 
 // The part of C one task computes: rows [i0, i0+m), columns [j0, j0+n) of
 // batch item `item`.
@@ -80,12 +118,22 @@ NF_INLINE void pack_a(const T* a, bool trans, index_t lda, index_t i0, index_t m
                       index_t kc, T* out) {
     for (index_t r0 = 0; r0 < m; r0 += MR, out += MR * kc) {
         const index_t rows = std::min<index_t>(MR, m - r0);
-        if (!trans) {  // A is M×K: op(A)(i, p) = a[i·lda + p], lda = K
+        if (!trans && rows == MR) {
+            // A is M×K: MR row streams, read in step; each p writes MR
+            // consecutive values (one or two cache lines).
+            const T* src[MR];
+            for (int i = 0; i < MR; ++i) src[i] = a + (i0 + r0 + i) * lda + p0;
+            for (index_t p = 0; p < kc; ++p)
+#pragma GCC unroll 16
+                for (int i = 0; i < MR; ++i) out[p * MR + i] = src[i][p];
+            continue;
+        }
+        if (!trans) {  // op(A)(i, p) = a[i·lda + p], lda = K
             for (index_t i = 0; i < rows; ++i) {
                 const T* src = a + (i0 + r0 + i) * lda + p0;
                 for (index_t p = 0; p < kc; ++p) out[p * MR + i] = src[p];
             }
-        } else {  // A is stored K×M: op(A)(i, p) = a[p·lda + i], lda = M
+        } else {  // A is stored K×M: op(A)(i, p) = a[p·lda + i], lda = M — rows are contiguous
             for (index_t p = 0; p < kc; ++p) {
                 const T* src = a + (p0 + p) * lda + i0 + r0;
                 for (index_t i = 0; i < rows; ++i) out[p * MR + i] = src[i];
@@ -103,14 +151,24 @@ NF_INLINE void pack_b(const T* b, bool trans, index_t ldb, index_t j0, index_t n
                       index_t kc, T* out) {
     for (index_t s0 = 0; s0 < n; s0 += NR, out += NR * kc) {
         const index_t cols = std::min<index_t>(NR, n - s0);
-        if (!trans) {  // B is K×N: op(B)(p, j) = b[p·ldb + j], ldb = N
+        if (!trans) {  // B is K×N: op(B)(p, j) = b[p·ldb + j], ldb = N — a row is NR contiguous values
             for (index_t p = 0; p < kc; ++p) {
                 const T* src = b + (p0 + p) * ldb + j0 + s0;
                 T* dst = out + p * NR;
-                for (index_t j = 0; j < cols; ++j) dst[j] = src[j];
-                for (index_t j = cols; j < NR; ++j) dst[j] = T(0);
+                if (cols == NR) {
+                    std::memcpy(dst, src, sizeof(T) * NR);
+                } else {
+                    for (index_t j = 0; j < cols; ++j) dst[j] = src[j];
+                    for (index_t j = cols; j < NR; ++j) dst[j] = T(0);
+                }
             }
-        } else {  // B is stored N×K: op(B)(p, j) = b[j·ldb + p], ldb = K
+        } else if (cols == NR) {  // B is stored N×K: NR row streams of B, read in step
+            const T* src[NR];
+            for (int j = 0; j < NR; ++j) src[j] = b + (j0 + s0 + j) * ldb + p0;
+            for (index_t p = 0; p < kc; ++p)
+#pragma GCC unroll 32
+                for (int j = 0; j < NR; ++j) out[p * NR + j] = src[j][p];
+        } else {
             for (index_t j = 0; j < cols; ++j) {
                 const T* src = b + (j0 + s0 + j) * ldb + p0;
                 for (index_t p = 0; p < kc; ++p) out[p * NR + j] = src[p];
@@ -122,23 +180,27 @@ NF_INLINE void pack_b(const T* b, bool trans, index_t ldb, index_t j0, index_t n
 }
 
 // ---------------------------------------------------------------------------
-// Micro-kernel: C[0:m, 0:n] += Ap (MR×kc panel) · Bp (kc×NR panel)
+// Micro-kernels: C[0:m, 0:n] (+)= Ap (MR×kc panel) · Bp (kc×NR panel)
 // ---------------------------------------------------------------------------
 //
 // acc[i][·] = Σ_p a[p][i] · b[p][·] — an outer-product update per step p:
 // one broadcast of a[p][i] times NR/VL vectors of B, MR·NR/VL FMAs per p,
 // with all MR·NR partial sums held in vector registers.
 //
-// Write-back: C = C + acc normally. On the first depth slice C's old value is
-// only kept when accumulating (load_c) and the bias (if any) is added, so C
+// Write-back: C = C_old + (bias + acc). On the first depth slice C_old is
+// only read when accumulating (load_c) and the bias (if any) is added, so C
 // is written once per slice and never needs a separate initialisation pass.
+// Every variant uses exactly this expression, so results are identical
+// whether a tile is full or at an edge.
+
+// Portable version (GCC/Clang vector extensions; scalar elsewhere). Used for
+// the AVX2 and generic instruction sets and for double on AVX-512.
 template <typename T, int MR, int NR, int VB>
 NF_INLINE void micro_kernel(index_t kc, const T* NF_RESTRICT a, const T* NF_RESTRICT b,
                             T* NF_RESTRICT c, index_t ldc, index_t m, index_t n, bool load_c,
                             const T* NF_RESTRICT bias) {
 #if defined(__GNUC__) || defined(__clang__)
-    // GCC/Clang vector extensions: V is VB bytes of T, arithmetic is lane-wise,
-    // and `vector * scalar` broadcasts the scalar.
+    // V is VB bytes of T, arithmetic is lane-wise, `vector * scalar` broadcasts.
     typedef T V __attribute__((vector_size(VB)));
     constexpr int VL = VB / int(sizeof(T));  // lanes per vector
     constexpr int NV = NR / VL;              // vectors per row of the tile
@@ -199,9 +261,86 @@ NF_INLINE void micro_kernel(index_t kc, const T* NF_RESTRICT a, const T* NF_REST
 #endif
 }
 
-// ---------------------------------------------------------------------------
-// One task: a tile of C, all of K
-// ---------------------------------------------------------------------------
+#if NUMFORMER_X86_DISPATCH
+// AVX-512 float, 12×32, written with intrinsics for control over the hot loop:
+// per step of k, two aligned 64-byte loads of B, 12 broadcasts of A and 24
+// FMAs into zmm accumulators (24 + 2 + broadcast registers ≤ 32). On Zen 4 a
+// zmm FMA issues as two 256-bit halves, one per cycle, with latency 4: the 24
+// independent accumulator chains hide the latency six times over.
+//
+// Prefetching: the MR rows of C are prefetched before the k loop so that the
+// read-modify-write at the end does not stall on L3/memory. The packed B
+// panel streams from L2 sequentially; the hardware prefetcher keeps up with
+// it (software prefetches 8 steps ahead measured 0.4% slower: two more
+// load-port µops per 24 FMAs for nothing).
+
+NF_TARGET("avx512f,avx2,fma")
+NF_INLINE void micro_avx512_f32(index_t kc, const float* NF_RESTRICT a, const float* NF_RESTRICT b,
+                                float* NF_RESTRICT c, index_t ldc, index_t m, index_t n,
+                                bool load_c, const float* NF_RESTRICT bias) {
+    constexpr int MR = 12;
+    const index_t last = std::min<index_t>(n, 32) - 1;
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i)
+        if (i < m) {
+            _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + last), _MM_HINT_T0);
+        }
+
+    __m512 acc0[MR], acc1[MR];
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+
+#pragma GCC unroll 4
+    for (index_t p = 0; p < kc; ++p, a += MR, b += 32) {
+        const __m512 b0 = _mm512_load_ps(b);  // packed panels are 64-byte aligned
+        const __m512 b1 = _mm512_load_ps(b + 16);
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; ++i) {
+            const __m512 ai = _mm512_set1_ps(a[i]);
+            acc0[i] = _mm512_fmadd_ps(ai, b0, acc0[i]);
+            acc1[i] = _mm512_fmadd_ps(ai, b1, acc1[i]);
+        }
+    }
+
+    // Masks select the n ≤ 32 columns that exist; masked-off lanes are
+    // neither read nor written (no fault, no data race with a neighbour).
+    const __mmask16 k0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
+    const __mmask16 k1 = n >= 32 ? __mmask16(0xFFFF)
+                                 : n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1u);
+    __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
+    if (bias != nullptr) {
+        bias0 = _mm512_maskz_loadu_ps(k0, bias);
+        bias1 = _mm512_maskz_loadu_ps(k1, bias + 16);
+    }
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i)
+        if (i < m) {
+            float* row = c + i * ldc;
+            __m512 v0 = _mm512_add_ps(bias0, acc0[i]);
+            __m512 v1 = _mm512_add_ps(bias1, acc1[i]);
+            if (load_c) {
+                v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(k0, row), v0);
+                v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(k1, row + 16), v1);
+            }
+            _mm512_mask_storeu_ps(row, k0, v0);
+            _mm512_mask_storeu_ps(row + 16, k1, v1);
+        }
+}
+#endif
+
+// C[0:m, 0:n] (+)= Ap panel (MR×kc) · the whole packed B block (kc × n, in
+// NR panels): the jr loop. The A panel stays in L1 throughout.
+template <typename Cfg>
+NF_INLINE void sweep_block(index_t kc, const typename Cfg::T* ap, const typename Cfg::T* bp,
+                             index_t n, typename Cfg::T* c, index_t ldc, index_t m, bool load_c,
+                             const typename Cfg::T* bias) {
+    constexpr int NR = Cfg::NR;
+    for (index_t j = 0; j < n; j += NR)
+        micro_kernel<typename Cfg::T, Cfg::MR, NR, Cfg::VB>(
+            kc, ap, bp + j * kc, c + j, ldc, m, std::min<index_t>(NR, n - j), load_c,
+            bias != nullptr ? bias + j : nullptr);
+}
 
 // C = bias (or 0), or C += bias when accumulating: what the product is when
 // K = 0 (the tiled path folds this into the first depth slice otherwise).
@@ -216,40 +355,6 @@ NF_INLINE void init_rows(T* c, index_t ldc, index_t m, index_t n, const T* bias,
             for (index_t j = 0; j < n; ++j) row[j] = bias[j];
         else
             for (index_t j = 0; j < n; ++j) row[j] = T(0);
-    }
-}
-
-template <typename Cfg>
-NF_INLINE void compute_tile(const GemmProblem<typename Cfg::T>& pr, const Tile& t,
-                            typename Cfg::T* ap, typename Cfg::T* bp) {
-    using T = typename Cfg::T;
-    constexpr int MR = Cfg::MR, NR = Cfg::NR;
-    const T* a = pr.a + t.item * pr.m * pr.k;
-    const T* b = pr.b + t.item * pr.k * pr.n;
-    const index_t lda = pr.trans_a ? pr.m : pr.k;  // row length of A as stored
-    const index_t ldb = pr.trans_b ? pr.k : pr.n;  // row length of B as stored
-    const index_t ldc = pr.n;
-    T* c = pr.c + t.item * pr.m * pr.n + t.i0 * ldc + t.j0;
-
-    const T* bias = pr.bias ? pr.bias + t.j0 : nullptr;
-    if (pr.k == 0) init_rows(c, ldc, t.m, t.n, bias, pr.accumulate);
-
-    for (index_t p0 = 0; p0 < pr.k; p0 += Cfg::KC) {
-        const index_t kc = std::min<index_t>(Cfg::KC, pr.k - p0);
-        const bool first = p0 == 0;  // the slice that also applies bias / old C
-        pack_a<T, MR>(a, pr.trans_a, lda, t.i0, t.m, p0, kc, ap);
-        pack_b<T, NR>(b, pr.trans_b, ldb, t.j0, t.n, p0, kc, bp);
-        for (index_t j = 0; j < t.n; j += NR) {
-            const T* b_panel = bp + (j / NR) * NR * kc;
-            const index_t n_here = std::min<index_t>(NR, t.n - j);
-            for (index_t i = 0; i < t.m; i += MR) {
-                const T* a_panel = ap + (i / MR) * MR * kc;
-                micro_kernel<T, MR, NR, Cfg::VB>(kc, a_panel, b_panel, c + i * ldc + j, ldc,
-                                                 std::min<index_t>(MR, t.m - i), n_here,
-                                                 !first || pr.accumulate,
-                                                 first && bias ? bias + j : nullptr);
-            }
-        }
     }
 }
 
@@ -319,150 +424,412 @@ NF_INLINE void compute_rows(const GemmProblem<T>& pr, const Tile& t, T* ap, T* /
 }
 
 // ---------------------------------------------------------------------------
-// Instruction-set variants (the same template, compiled three ways)
+// Instruction-set variants (the same templates, compiled three ways)
 // ---------------------------------------------------------------------------
 
 template <typename T>
-using TileFn = void (*)(const GemmProblem<T>&, const Tile&, T*, T*);
+using PackFn = void (*)(const T*, bool, index_t, index_t, index_t, index_t, index_t, T*);
+template <typename T>
+using SweepFn = void (*)(index_t, const T*, const T*, index_t, T*, index_t, index_t, bool,
+                         const T*);
+template <typename T>
+using RowsFn = void (*)(const GemmProblem<T>&, const Tile&, T*, T*);
 
 template <typename T>
 struct Kernel {
     index_t mr, nr, kc, mc, nc;
-    TileFn<T> tile;  // packed, register-tiled path
-    TileFn<T> rows;  // few-rows path
+    PackFn<T> pack_a, pack_b;
+    SweepFn<T> sweep;  // packed, register-tiled path: one A panel × one B block
+    RowsFn<T> rows;    // few-rows path
 };
 
-template <typename Cfg>
-Kernel<typename Cfg::T> make_kernel(TileFn<typename Cfg::T> tile, TileFn<typename Cfg::T> rows) {
-    return {Cfg::MR, Cfg::NR, Cfg::KC, Cfg::MC, Cfg::NC, tile, rows};
-}
+// Each wrapper instantiates the (always-inlined) template bodies inside a
+// function compiled for one instruction set. NF_TARGET is empty for generic.
+#define NF_GEMM_VARIANT(NAME, TARGET)                                                         \
+    template <typename Cfg>                                                                   \
+    TARGET void pack_a_##NAME(const typename Cfg::T* a, bool t, index_t ld, index_t i0,       \
+                              index_t m, index_t p0, index_t kc, typename Cfg::T* out) {      \
+        pack_a<typename Cfg::T, Cfg::MR>(a, t, ld, i0, m, p0, kc, out);                       \
+    }                                                                                         \
+    template <typename Cfg>                                                                   \
+    TARGET void pack_b_##NAME(const typename Cfg::T* b, bool t, index_t ld, index_t j0,       \
+                              index_t n, index_t p0, index_t kc, typename Cfg::T* out) {      \
+        pack_b<typename Cfg::T, Cfg::NR>(b, t, ld, j0, n, p0, kc, out);                       \
+    }                                                                                         \
+    template <typename Cfg>                                                                   \
+    TARGET void sweep_##NAME(index_t kc, const typename Cfg::T* ap, const typename Cfg::T* bp, \
+                             index_t n, typename Cfg::T* c, index_t ldc, index_t m,           \
+                             bool load_c, const typename Cfg::T* bias) {                      \
+        sweep_block<Cfg>(kc, ap, bp, n, c, ldc, m, load_c, bias);                             \
+    }                                                                                         \
+    template <typename T>                                                                     \
+    TARGET void rows_##NAME(const GemmProblem<T>& p, const Tile& t, T* ap, T* bp) {          \
+        compute_rows(p, t, ap, bp);                                                           \
+    }                                                                                         \
+    template <typename Cfg>                                                                   \
+    Kernel<typename Cfg::T> kernel_##NAME() {                                                 \
+        return {Cfg::MR,           Cfg::NR,           Cfg::KC,         Cfg::MC,               \
+                Cfg::NC,           pack_a_##NAME<Cfg>, pack_b_##NAME<Cfg>, sweep_##NAME<Cfg>, \
+                rows_##NAME<typename Cfg::T>};                                                \
+    }
 
-// Each wrapper instantiates the (always-inlined) template body inside a
-// function compiled for one instruction set.
-template <typename Cfg>
-void tile_generic(const GemmProblem<typename Cfg::T>& p, const Tile& t, typename Cfg::T* ap,
-                  typename Cfg::T* bp) {
-    compute_tile<Cfg>(p, t, ap, bp);
-}
-template <typename T>
-void rows_generic(const GemmProblem<T>& p, const Tile& t, T* ap, T* bp) {
-    compute_rows(p, t, ap, bp);
-}
+NF_GEMM_VARIANT(generic, )
 #if NUMFORMER_X86_DISPATCH
-template <typename Cfg>
-NF_TARGET("avx2,fma")
-void tile_avx2(const GemmProblem<typename Cfg::T>& p, const Tile& t, typename Cfg::T* ap,
-               typename Cfg::T* bp) {
-    compute_tile<Cfg>(p, t, ap, bp);
-}
-template <typename T>
-NF_TARGET("avx2,fma")
-void rows_avx2(const GemmProblem<T>& p, const Tile& t, T* ap, T* bp) {
-    compute_rows(p, t, ap, bp);
-}
-template <typename Cfg>
+NF_GEMM_VARIANT(avx2, NF_TARGET("avx2,fma"))
+NF_GEMM_VARIANT(avx512, NF_TARGET("avx512f,avx2,fma"))
+
+// The float AVX-512 sweep uses the hand-written 12×32 micro-kernel.
 NF_TARGET("avx512f,avx2,fma")
-void tile_avx512(const GemmProblem<typename Cfg::T>& p, const Tile& t, typename Cfg::T* ap,
-                 typename Cfg::T* bp) {
-    compute_tile<Cfg>(p, t, ap, bp);
-}
-template <typename T>
-NF_TARGET("avx512f,avx2,fma")
-void rows_avx512(const GemmProblem<T>& p, const Tile& t, T* ap, T* bp) {
-    compute_rows(p, t, ap, bp);
+void sweep_avx512_f32(index_t kc, const float* ap, const float* bp, index_t n, float* c,
+                      index_t ldc, index_t m, bool load_c, const float* bias) {
+    static_assert(Avx512F32::MR == 12 && Avx512F32::NR == 32, "micro_avx512_f32 is 12×32");
+    for (index_t j = 0; j < n; j += 32)
+        micro_avx512_f32(kc, ap, bp + j * kc, c + j, ldc, m, std::min<index_t>(32, n - j), load_c,
+                         bias != nullptr ? bias + j : nullptr);
 }
 #endif
+#undef NF_GEMM_VARIANT
 
 Kernel<float> kernel_for(Isa isa, float /*tag*/) {
 #if NUMFORMER_X86_DISPATCH
-    if (isa == Isa::avx512) return make_kernel<Avx512F32>(tile_avx512<Avx512F32>, rows_avx512<float>);
-    if (isa == Isa::avx2) return make_kernel<Avx2F32>(tile_avx2<Avx2F32>, rows_avx2<float>);
+    if (isa == Isa::avx512) {
+        Kernel<float> k = kernel_avx512<Avx512F32>();
+        k.sweep = sweep_avx512_f32;
+        return k;
+    }
+    if (isa == Isa::avx2) return kernel_avx2<Avx2F32>();
 #endif
     (void)isa;
-    return make_kernel<GenericF32>(tile_generic<GenericF32>, rows_generic<float>);
+    return kernel_generic<GenericF32>();
 }
 
 Kernel<double> kernel_for(Isa isa, double /*tag*/) {
 #if NUMFORMER_X86_DISPATCH
-    if (isa == Isa::avx512) return make_kernel<Avx512F64>(tile_avx512<Avx512F64>, rows_avx512<double>);
-    if (isa == Isa::avx2) return make_kernel<Avx2F64>(tile_avx2<Avx2F64>, rows_avx2<double>);
+    if (isa == Isa::avx512) return kernel_avx512<Avx512F64>();
+    if (isa == Isa::avx2) return kernel_avx2<Avx2F64>();
 #endif
     (void)isa;
-    return make_kernel<GenericF64>(tile_generic<GenericF64>, rows_generic<double>);
+    return kernel_generic<GenericF64>();
 }
 
-// 64-byte aligned scratch memory for the packed panels (one slab per thread).
-template <typename T>
-class AlignedBuffer {
+// ---------------------------------------------------------------------------
+// Scratch memory
+// ---------------------------------------------------------------------------
+
+// 64-byte aligned scratch for the packed blocks. One arena per *calling*
+// thread (thread_local), grown on demand and kept between calls, so a
+// training loop does not allocate on every product; concurrent Python threads
+// each get their own. It is grown before any parallel region, so
+// std::bad_alloc reaches Python as MemoryError.
+class Arena {
 public:
-    explicit AlignedBuffer(index_t count)
-        : data_(static_cast<T*>(::operator new(sizeof(T) * static_cast<size_t>(count),
-                                               std::align_val_t{64}))) {}
-    ~AlignedBuffer() { ::operator delete(data_, std::align_val_t{64}); }
-    AlignedBuffer(const AlignedBuffer&) = delete;
-    AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-    T* data() const { return data_; }
+    Arena() = default;
+    Arena(const Arena&) = delete;
+    Arena& operator=(const Arena&) = delete;
+    ~Arena() { release(); }
+
+    void* get(size_t bytes) {
+        if (bytes > capacity_) {
+            void* fresh = ::operator new(bytes, std::align_val_t{64});  // may throw: old kept
+            release();
+            data_ = fresh;
+            capacity_ = bytes;
+        }
+        return data_;
+    }
 
 private:
-    T* data_;
+    void release() {
+        if (data_ != nullptr) ::operator delete(data_, std::align_val_t{64});
+        data_ = nullptr;
+        capacity_ = 0;
+    }
+    void* data_ = nullptr;
+    size_t capacity_ = 0;
 };
+
+template <typename T>
+T* arena_floats(index_t count) {
+    static thread_local Arena arena;
+    return static_cast<T*>(arena.get(sizeof(T) * static_cast<size_t>(std::max<index_t>(count, 1))));
+}
 
 // Below this many flops a product runs on one thread: waking a thread team
 // costs microseconds, which is all a product this small takes.
 constexpr double kParallelFlops = 1 << 20;
+
+// ---------------------------------------------------------------------------
+// Blocked drivers
+// ---------------------------------------------------------------------------
+
+// Block sizes for one problem. The depth slice is balanced (K = 400 with
+// KC = 384 becomes two slices of 200, not 384 + 16) and depends only on K and
+// the kernel, never on the thread count (determinism, see the top). MC and NC
+// are balanced the same way and are free to vary: they do not change any sum.
+struct Blocking {
+    index_t kc, mc, nc;
+};
+
+template <typename T>
+Blocking blocking_for(const GemmProblem<T>& pr, const Kernel<T>& kern) {
+    Blocking bk;
+    bk.kc = round_up(ceil_div(pr.k, ceil_div(pr.k, kern.kc)), 4);
+    bk.mc = round_up(ceil_div(pr.m, ceil_div(pr.m, kern.mc)), kern.mr);
+    bk.nc = round_up(ceil_div(pr.n, ceil_div(pr.n, kern.nc)), kern.nr);
+    return bk;
+}
+
+// Split `count` panels into `parts` contiguous ranges; range `part` is [lo, hi).
+inline void split(index_t count, int parts, int part, index_t* lo, index_t* hi) {
+    *lo = count * part / parts;
+    *hi = count * (part + 1) / parts;
+}
+
+// Pointers to batch item `item` of the problem.
+template <typename T>
+struct Item {
+    const T* a;
+    const T* b;
+    T* c;
+};
+template <typename T>
+Item<T> item_of(const GemmProblem<T>& pr, index_t item) {
+    return {pr.a + item * pr.m * pr.k, pr.b + item * pr.k * pr.n, pr.c + item * pr.m * pr.n};
+}
+
+// One whole product on the calling thread (used for batches: one item per
+// thread). Same loops as blocked_shared, without the sharing.
+template <typename T>
+void blocked_serial(const GemmProblem<T>& pr, const Kernel<T>& kern, const Blocking& bk,
+                    const Item<T>& it, T* ap, T* bp) {
+    const index_t m = pr.m, n = pr.n, k = pr.k;
+    const index_t lda = pr.trans_a ? m : k, ldb = pr.trans_b ? k : n, ldc = n;
+    for (index_t ic = 0; ic < m; ic += bk.mc) {
+        const index_t mcur = std::min(bk.mc, m - ic);
+        for (index_t pc = 0; pc < k; pc += bk.kc) {
+            const index_t kcur = std::min(bk.kc, k - pc);
+            const bool first = pc == 0;
+            kern.pack_a(it.a, pr.trans_a, lda, ic, mcur, pc, kcur, ap);
+            for (index_t jc = 0; jc < n; jc += bk.nc) {
+                const index_t ncur = std::min(bk.nc, n - jc);
+                kern.pack_b(it.b, pr.trans_b, ldb, jc, ncur, pc, kcur, bp);
+                for (index_t ir = 0; ir < mcur; ir += kern.mr)
+                    kern.sweep(kcur, ap + ir * kcur, bp, ncur, it.c + (ic + ir) * ldc + jc, ldc,
+                               std::min<index_t>(kern.mr, mcur - ir), !first || pr.accumulate,
+                               first && pr.bias ? pr.bias + jc : nullptr);
+            }
+        }
+    }
+}
+
+// All threads cooperate on each product: A and B blocks packed once and
+// shared. There are no barriers: the work is a fixed sequence of small tasks
+// handed out by one ticket counter, in the order of the loop nest at the top:
+//
+//   for each step (item, ic, pc):
+//     for each B block (jc) of the step:
+//       [pack one A panel] × A panels     (first block of the step only)
+//       [pack one B panel] × B panels
+//       [compute one A panel × the B block] × A panels
+//
+// A task only waits for the tasks it reads from or overwrites — computing
+// needs its A and B blocks packed; packing B into one of the two buffers
+// needs the block that used it two blocks ago computed; packing A needs the
+// previous step computed — and every dependency has a smaller ticket, so it
+// is already held by some running thread (no deadlock). A thread that the OS
+// deschedules (these machines are shared) therefore stalls the others only
+// when they need the one task it holds, not at every block as a barrier would.
+//
+// Each C tile is written by one task per step, and step s+1's tasks start
+// only after every task of step s has finished, so the slices of K are
+// added in order: the result is the same as blocked_serial's, bit for bit.
+struct Step {
+    index_t item, ic, pc, mcur, kcur, a_panels;
+};
+struct Block {
+    index_t step, jc, ncur, b_panels, a_tasks, first_ticket;
+};
+
+using Counter = std::atomic<index_t>;
+
+inline void cpu_relax() {
+#if NUMFORMER_X86_DISPATCH
+    __builtin_ia32_pause();
+#endif
+}
+
+// Spin until counter ≥ target (acquire: the producer's writes are visible).
+// After a short spin, yield the core: the producer may be waiting for it.
+inline void wait_for(const Counter& counter, index_t target) {
+    for (int spins = 0; counter.load(std::memory_order_acquire) < target; ++spins) {
+        if (spins < 256)
+            cpu_relax();
+        else
+            std::this_thread::yield();
+    }
+}
+
+template <typename T>
+void blocked_shared(const GemmProblem<T>& pr, const Kernel<T>& kern, const Blocking& bk,
+                    int threads, T* ap, T* bp0, T* bp1) {
+    const index_t m = pr.m, n = pr.n, k = pr.k, mr = kern.mr, nr = kern.nr;
+    const index_t lda = pr.trans_a ? m : k, ldb = pr.trans_b ? k : n, ldc = n;
+
+    // The task list, as steps and blocks (a few hundred at most).
+    std::vector<Step> steps;
+    std::vector<Block> blocks;
+    index_t tickets = 0;
+    for (index_t item = 0; item < pr.batch; ++item)
+        for (index_t ic = 0; ic < m; ic += bk.mc)
+            for (index_t pc = 0; pc < k; pc += bk.kc) {
+                Step st{item, ic, pc, std::min(bk.mc, m - ic), std::min(bk.kc, k - pc), 0};
+                st.a_panels = ceil_div(st.mcur, mr);
+                for (index_t jc = 0; jc < n; jc += bk.nc) {
+                    Block b{index_t(steps.size()), jc, std::min(bk.nc, n - jc), 0, 0, tickets};
+                    b.b_panels = ceil_div(b.ncur, nr);
+                    b.a_tasks = jc == 0 ? st.a_panels : 0;
+                    tickets += b.a_tasks + b.b_panels + st.a_panels;
+                    blocks.push_back(b);
+                }
+                steps.push_back(st);
+            }
+    const index_t blocks_per_step = ceil_div(n, bk.nc);
+    const index_t n_steps = index_t(steps.size()), n_blocks = index_t(blocks.size());
+    // Completion counts: A panels packed per step, B panels packed per block,
+    // A panels computed per block and per step.
+    std::unique_ptr<Counter[]> a_packed(new Counter[n_steps]), step_done(new Counter[n_steps]);
+    std::unique_ptr<Counter[]> b_packed(new Counter[n_blocks]), block_done(new Counter[n_blocks]);
+    for (index_t i = 0; i < n_steps; ++i) a_packed[i].store(0), step_done[i].store(0);
+    for (index_t i = 0; i < n_blocks; ++i) b_packed[i].store(0), block_done[i].store(0);
+    Counter next_ticket{0};
+
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        index_t g = 0;  // this thread's current block (tickets only grow)
+        for (;;) {
+            const index_t t = next_ticket.fetch_add(1, std::memory_order_relaxed);
+            if (t >= tickets) break;
+            while (g + 1 < n_blocks && blocks[g + 1].first_ticket <= t) ++g;
+            const Block& blk = blocks[g];
+            const Step& st = steps[blk.step];
+            const Item<T> it = item_of(pr, st.item);
+            T* bp = (g & 1) ? bp1 : bp0;
+            index_t task = t - blk.first_ticket;
+
+            if (task < blk.a_tasks) {  // pack A panel `task` of this step
+                if (blk.step > 0)
+                    wait_for(step_done[blk.step - 1], blocks_per_step * steps[blk.step - 1].a_panels);
+                const index_t ir = task * mr;
+                kern.pack_a(it.a, pr.trans_a, lda, st.ic + ir, std::min(mr, st.mcur - ir), st.pc,
+                            st.kcur, ap + ir * st.kcur);
+                a_packed[blk.step].fetch_add(1, std::memory_order_release);
+                continue;
+            }
+            task -= blk.a_tasks;
+            if (task < blk.b_panels) {  // pack B panel `task` of this block
+                if (g >= 2) wait_for(block_done[g - 2], steps[blocks[g - 2].step].a_panels);
+                const index_t jr = task * nr;
+                kern.pack_b(it.b, pr.trans_b, ldb, blk.jc + jr, std::min(nr, blk.ncur - jr), st.pc,
+                            st.kcur, bp + jr * st.kcur);
+                b_packed[g].fetch_add(1, std::memory_order_release);
+                continue;
+            }
+            task -= blk.b_panels;  // compute A panel `task` × this B block
+            wait_for(a_packed[blk.step], st.a_panels);
+            wait_for(b_packed[g], blk.b_panels);
+            const index_t ir = task * mr;
+            const bool first = st.pc == 0;
+            kern.sweep(st.kcur, ap + ir * st.kcur, bp, blk.ncur, it.c + (st.ic + ir) * ldc + blk.jc,
+                       ldc, std::min(mr, st.mcur - ir), !first || pr.accumulate,
+                       first && pr.bias ? pr.bias + blk.jc : nullptr);
+            block_done[g].fetch_add(1, std::memory_order_release);
+            step_done[blk.step].fetch_add(1, std::memory_order_release);
+        }
+    }
+}
+
+// C = bias (or 0), or C += bias when accumulating: the product when K = 0.
+template <typename T>
+void empty_product(const GemmProblem<T>& pr) {
+    for (index_t item = 0; item < pr.batch; ++item)
+        init_rows(pr.c + item * pr.m * pr.n, pr.n, pr.m, pr.n, pr.bias, pr.accumulate);
+}
+
+// Few rows: tasks are column blocks of all M rows, B read in place.
+template <typename T>
+void few_rows(const GemmProblem<T>& pr, const Kernel<T>& kern, int max_threads) {
+    const index_t tiles_n = ceil_div(pr.n, kSmallCols);
+    const index_t tasks = pr.batch * tiles_n;
+    const double flops = 2.0 * double(pr.batch) * double(pr.m) * double(pr.n) * double(pr.k);
+    const int threads = flops < kParallelFlops ? 1 : int(std::min<index_t>(max_threads, tasks));
+    // Per thread: the M rows of op(A) gathered when A is transposed.
+    const index_t slab = round_up(std::max<index_t>(1, pr.m * pr.k), 16);
+    T* scratch = arena_floats<T>(slab * threads);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#if defined(_OPENMP)
+        T* ap = scratch + slab * omp_get_thread_num();
+#else
+        T* ap = scratch;
+#endif
+#pragma omp for schedule(dynamic, 1)
+        for (index_t task = 0; task < tasks; ++task) {
+            Tile t;
+            t.item = task / tiles_n;
+            t.i0 = 0;
+            t.m = pr.m;
+            t.j0 = (task % tiles_n) * kSmallCols;
+            t.n = std::min(kSmallCols, pr.n - t.j0);
+            kern.rows(pr, t, ap, nullptr);
+        }
+    }
+}
 
 }  // namespace
 
 template <typename T>
 void gemm(const GemmProblem<T>& pr) {
     if (pr.batch <= 0 || pr.m <= 0 || pr.n <= 0) return;  // C is empty
+    if (pr.k <= 0) return empty_product(pr);
     const Kernel<T> kern = kernel_for(active_isa(), T{});
+    const int max_threads = num_threads();
+    if (pr.m <= kSmallM) return few_rows(pr, kern, max_threads);
 
-    // Few rows: tasks are column blocks of all M rows; otherwise MC×NC tiles.
-    const bool few_rows = pr.m <= kSmallM;
-    const index_t tile_m = few_rows ? pr.m : kern.mc;
-    const index_t tile_n = few_rows ? kSmallCols : kern.nc;
-    const TileFn<T> run = few_rows ? kern.rows : kern.tile;
-
-    const index_t tiles_m = ceil_div(pr.m, tile_m);
-    const index_t tiles_n = ceil_div(pr.n, tile_n);
-    const index_t tasks = pr.batch * tiles_m * tiles_n;
-
+    const Blocking bk = blocking_for(pr, kern);
     const double flops = 2.0 * double(pr.batch) * double(pr.m) * double(pr.n) * double(pr.k);
-    const int threads =
-        flops < kParallelFlops ? 1 : int(std::min<index_t>(num_threads(), tasks));
+    const index_t a_len = round_up(bk.mc * bk.kc, 16);  // mc is a multiple of MR
+    const index_t b_len = round_up(bk.nc * bk.kc, 16);  // nc is a multiple of NR
+    int threads = flops < kParallelFlops ? 1 : max_threads;
 
-    // Scratch per thread, sized for the largest tile; allocated before the
-    // parallel region so that std::bad_alloc reaches Python as MemoryError.
-    const index_t kc = std::max<index_t>(1, std::min<index_t>(kern.kc, pr.k));
-    const index_t a_len = few_rows ? round_up(std::max<index_t>(1, pr.m * pr.k), 16)
-                                   : round_up(round_up(std::min(pr.m, kern.mc), kern.mr) * kc, 16);
-    const index_t b_len = few_rows ? 0 : round_up(round_up(std::min(pr.n, kern.nc), kern.nr) * kc, 16);
-    const index_t slab = a_len + b_len;
-    AlignedBuffer<T> scratch(slab * threads);
-
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
+    // A batch of at least 4 products per thread: one whole product per thread
+    // at a time (no barriers, nothing shared; e.g. attention's per-head
+    // products). Otherwise every thread works on every product.
+    if (threads > 1 && pr.batch >= 4 * index_t(threads)) {
+        const index_t slab = a_len + b_len;
+        T* scratch = arena_floats<T>(slab * threads);
+#pragma omp parallel num_threads(threads)
+        {
 #if defined(_OPENMP)
-        T* ap = scratch.data() + slab * omp_get_thread_num();
+            T* ap = scratch + slab * omp_get_thread_num();
 #else
-        T* ap = scratch.data();
+            T* ap = scratch;
 #endif
-        T* bp = ap + a_len;
 #pragma omp for schedule(dynamic, 1)
-        for (index_t task = 0; task < tasks; ++task) {
-            // task = (item · tiles_m + tm) · tiles_n + tn
-            const index_t tn = task % tiles_n;
-            const index_t tm = (task / tiles_n) % tiles_m;
-            Tile t;
-            t.item = task / (tiles_n * tiles_m);
-            t.i0 = tm * tile_m;
-            t.m = std::min(tile_m, pr.m - t.i0);
-            t.j0 = tn * tile_n;
-            t.n = std::min(tile_n, pr.n - t.j0);
-            run(pr, t, ap, bp);
+            for (index_t item = 0; item < pr.batch; ++item)
+                blocked_serial(pr, kern, bk, item_of(pr, item), ap, ap + a_len);
         }
+        return;
     }
+
+    // Threads beyond the number of A panels would only wait for tasks.
+    threads = int(std::min<index_t>(threads, ceil_div(bk.mc, kern.mr)));
+    T* scratch = arena_floats<T>(a_len + 2 * b_len);
+    if (threads == 1) {
+        for (index_t item = 0; item < pr.batch; ++item)
+            blocked_serial(pr, kern, bk, item_of(pr, item), scratch, scratch + a_len);
+        return;
+    }
+    blocked_shared(pr, kern, bk, threads, scratch, scratch + a_len, scratch + a_len + b_len);
 }
 
 template void gemm<float>(const GemmProblem<float>&);

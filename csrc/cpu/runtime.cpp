@@ -4,7 +4,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
+#include <cstring>
+#include <new>
 #include <sstream>
 
 #if defined(_OPENMP)
@@ -191,6 +194,136 @@ std::string build_info() {
 #endif
     s << "; threads: " << num_threads();
     return s.str();
+}
+
+// ---------------------------------------------------------------------------
+// Machine ceilings
+// ---------------------------------------------------------------------------
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// kChains independent accumulators, each updated acc = acc·x + y (one FMA
+// with -ffp-contract=fast on FMA targets). An FMA has latency 4 and up to two
+// issue per cycle, so at least 8 chains are needed to keep the units busy; 12
+// leaves headroom and still fits the 16 registers of AVX2. x < 1 and y > 0
+// make every chain converge to y/(1−x): no overflow, no subnormals.
+template <typename F, int VB>
+NF_INLINE F fma_chains(std::int64_t iters) {
+#if defined(__GNUC__) || defined(__clang__)
+    // (F is a template parameter so that the vector attribute is applied at
+    // instantiation, when VB is known.)
+    typedef F V __attribute__((vector_size(VB)));
+    constexpr int kChains = 12;
+    V acc[kChains];
+    for (int i = 0; i < kChains; ++i) acc[i] = V{} + 0.001f * float(i);
+    const V x = V{} + 0.9999f, y = V{} + 1e-4f;
+    for (std::int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 12
+        for (int i = 0; i < kChains; ++i) acc[i] = acc[i] * x + y;
+        // (Without -ffast-math the compiler may not reassociate the
+        // recurrence, and the result is used, so the loop stays as written.)
+    }
+    float sum = 0.0f;
+    for (int i = 0; i < kChains; ++i)
+        for (int l = 0; l < VB / 4; ++l) sum += acc[i][l];
+    return sum;
+#else
+    float acc = 0.0f;
+    for (std::int64_t it = 0; it < iters * 12 * (VB / 4); ++it) acc = acc * 0.9999f + 1e-4f;
+    return acc;
+#endif
+}
+
+template <int VB>
+double fma_flops_per_iter() {
+    return 2.0 * 12 * (VB / 4);
+}
+
+using ChainFn = float (*)(std::int64_t);
+float chains_generic(std::int64_t n) { return fma_chains<float, 16>(n); }
+#if NUMFORMER_X86_DISPATCH
+NF_TARGET("avx2,fma") float chains_avx2(std::int64_t n) { return fma_chains<float, 32>(n); }
+NF_TARGET("avx512f,avx2,fma") float chains_avx512(std::int64_t n) { return fma_chains<float, 64>(n); }
+#endif
+
+std::atomic<float> g_sink{0.0f};  // results land here so the loops are not dead code
+
+}  // namespace
+
+double measure_fma_peak(double seconds, int threads) {
+    ChainFn fn = chains_generic;
+    double per_iter = fma_flops_per_iter<16>();
+#if NUMFORMER_X86_DISPATCH
+    if (active_isa() == Isa::avx512) {
+        fn = chains_avx512;
+        per_iter = fma_flops_per_iter<64>();
+    } else if (active_isa() == Isa::avx2) {
+        fn = chains_avx2;
+        per_iter = fma_flops_per_iter<32>();
+    }
+#endif
+    threads = std::max(1, threads);
+    seconds = std::max(1e-3, seconds);
+    double total_flops = 0.0, longest = 0.0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(+ : total_flops) \
+    reduction(max : longest)
+    {
+        fn(1 << 14);  // warm up (wakes the vector units to full clock)
+        const std::int64_t chunk = 1 << 16;
+        std::int64_t done = 0;
+        const Clock::time_point t0 = Clock::now();
+        double elapsed = 0.0;
+        float sink = 0.0f;
+        do {
+            sink += fn(chunk);
+            done += chunk;
+            elapsed = seconds_since(t0);
+        } while (elapsed < seconds);
+        g_sink.store(sink, std::memory_order_relaxed);
+        total_flops += double(done) * per_iter;
+        longest = elapsed;
+    }
+    return total_flops / longest / 1e9;
+}
+
+double measure_copy_bandwidth(std::int64_t nbytes, int threads) {
+    threads = std::max(1, threads);
+    nbytes = std::max<std::int64_t>(nbytes, 1 << 20) & ~std::int64_t(63);
+    char* src = static_cast<char*>(::operator new(size_t(nbytes), std::align_val_t{64}));
+    char* dst = static_cast<char*>(::operator new(size_t(nbytes), std::align_val_t{64}));
+    double best = 1e300;
+    // Each thread copies the same contiguous share every time (first touch
+    // in the fill places its pages near it on NUMA machines).
+    const int reps = 6;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#if defined(_OPENMP)
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int tid = 0, nt = 1;
+#endif
+        const std::int64_t lo = (nbytes / 64 * tid / nt) * 64, hi = (nbytes / 64 * (tid + 1) / nt) * 64;
+        std::memset(src + lo, 1, size_t(hi - lo));
+        std::memset(dst + lo, 0, size_t(hi - lo));
+        for (int r = 0; r < reps; ++r) {
+#pragma omp barrier
+            Clock::time_point t0;
+#pragma omp master
+            t0 = Clock::now();
+            std::memcpy(dst + lo, src + lo, size_t(hi - lo));
+#pragma omp barrier
+#pragma omp master
+            best = std::min(best, seconds_since(t0));
+        }
+    }
+    ::operator delete(src, std::align_val_t{64});
+    ::operator delete(dst, std::align_val_t{64});
+    return 2.0 * double(nbytes) / best / 1e9;
 }
 
 }  // namespace numformer::cpu

@@ -61,4 +61,14 @@ bool set_active_isa(Isa isa);        // false if the CPU cannot run it
 // ---- build ----------------------------------------------------------------
 std::string build_info();
 
+// ---- machine ceilings (for the benchmarks' roofline) ------------------------
+// GFLOP/s of a loop of independent FMAs on the widest vectors of the active
+// instruction set, run for about `seconds` on `threads` threads (2 flops per
+// lane per FMA). This is the practical peak the GEMM is measured against.
+double measure_fma_peak(double seconds, int threads);
+// GB/s of copying `nbytes` from one buffer to another (bytes read + bytes
+// written, i.e. 2·nbytes per copy), best of several copies, on `threads`
+// threads each copying a contiguous share.
+double measure_copy_bandwidth(std::int64_t nbytes, int threads);
+
 }  // namespace numformer::cpu

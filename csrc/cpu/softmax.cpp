@@ -1,14 +1,20 @@
 // softmax.cpp — row-wise softmax forward/backward (math in softmax.h).
 //
-// Per row the forward makes four short passes, all over data that is in L1/L2
-// for realistic row lengths (a 50257-float row is 200 KB):
-//   1. m   = max_j s·x_j             (read x)
-//   2. y_j = exp(s·x_j − m)          (read x, write y)
-//   3. Σ   = Σ_j y_j                 (read y)
-//   4. y_j = y_j · (1/Σ)             (read y, write y)
-// Passes 2 and 4 are plain element-wise loops the compiler vectorises (vexp
-// is branch-free); the reductions 1 and 3 keep kLanes independent partial
-// results so that they vectorise too without reassociating a single sum.
+// Memory: each row is read once from memory and its output written once;
+// the passes below re-read the row from L1/L2 (a 1024-float row is 4 KiB, a
+// 50257-float row 200 KiB — both stay in the 1 MiB L2 with its output).
+// So the cost is the arithmetic over cached data, chiefly exp:
+//   1. m   = max_{j<lim} z_j,  z_j = s·x_j (+ mask_j)   (read x [, mask])
+//   2. y_j = exp(z_j − m), Σ += y_j                      (read x [, mask], write y)
+//   3. y_j *= 1/Σ;  y_j = 0 for j ≥ lim (causal)         (read/write y)
+// z is recomputed in pass 2 (one FMA) rather than stored: cheaper than an
+// extra write + read. A one-pass "online" max/sum would save pass 1 but
+// needs exp twice per element (once against the running max, once more for
+// the output); with the row in cache, the extra exp costs more than the pass.
+//
+// The AVX-512 float path is written with intrinsics (a vectorised exp using
+// vscalefps for the 2^n, masked loads/stores for row tails); the other paths
+// are plain loops over vexp that the compiler vectorises.
 // Rows are independent and are split across threads in contiguous chunks, so
 // the result does not depend on the thread count.
 #include "cpu/softmax.h"
@@ -19,109 +25,254 @@
 #include "cpu/reduce.h"
 #include "cpu/vexp.h"
 
+#if NUMFORMER_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
 namespace numformer::cpu {
 namespace {
 
-// max_j s·x_j. NaN never wins a `>` comparison, so it is skipped here; it
-// still poisons the row through the sum (exp(NaN) = NaN) in pass 3.
+// Mask row and causal limit for row r: keys [0, lim) are visible.
 template <typename T>
-NF_INLINE T row_max(const T* NF_RESTRICT x, index_t n, T s) {
-    const T neg_inf = -std::numeric_limits<T>::infinity();
-    T lane[kLanes];
-    for (int l = 0; l < kLanes; ++l) lane[l] = neg_inf;
-    index_t j = 0;
-    for (; j + kLanes <= n; j += kLanes)
-        for (int l = 0; l < kLanes; ++l) {
-            const T t = s * x[j + l];
-            lane[l] = t > lane[l] ? t : lane[l];
-        }
-    T m = neg_inf;
-    for (; j < n; ++j) {
-        const T t = s * x[j];
-        m = t > m ? t : m;
+NF_INLINE const T* mask_row(const SoftmaxMask<T>& mk, index_t r, index_t n) {
+    if (mk.add == nullptr) return nullptr;
+    index_t off = 0;
+    for (int d = mk.lead_ndim - 1; d >= 0; --d) {
+        const index_t size = mk.lead_shape[d];
+        off += (r % size) * mk.row_stride[d];
+        r /= size;
     }
-    for (int l = 0; l < kLanes; ++l) m = lane[l] > m ? lane[l] : m;
-    return m;
+    return mk.add + off * n;
 }
 
 template <typename T>
-NF_INLINE void forward_rows(const T* x, T* y, index_t r0, index_t r1, index_t n, T s) {
+NF_INLINE index_t visible_keys(const SoftmaxMask<T>& mk, index_t r, index_t n) {
+    if (mk.causal_tq <= 0) return n;
+    const index_t i = r % mk.causal_tq;  // query index within its (Tq, Tk) block
+    return std::clamp<index_t>(i + n - mk.causal_tq + 1, 0, n);
+}
+
+// ---- portable rows (AVX2 / generic / double) ----------------------------
+
+template <typename T>
+NF_INLINE void forward_rows(const T* x, T* y, index_t r0, index_t r1, index_t n, T s,
+                            const SoftmaxMask<T>& mk) {
+    const T neg_inf = -std::numeric_limits<T>::infinity();
     for (index_t r = r0; r < r1; ++r) {
         const T* NF_RESTRICT xr = x + r * n;
+        const T* NF_RESTRICT mr = mask_row(mk, r, n);
         T* NF_RESTRICT yr = y + r * n;
-        const T m = row_max(xr, n, s);
-        if (m == -std::numeric_limits<T>::infinity()) {
-            // No entry above −inf: the row is all −inf (→ zeros, it has no
-            // probability mass) unless some s·x_j is NaN (→ NaN, as always).
+        const index_t lim = visible_keys(mk, r, n);
+        // z_j = s·x_j + mask_j, written to y (pass 1 also finds the max; NaN
+        // never wins a `>`, it poisons the row through the sum instead).
+        T lane[kLanes];
+        for (int l = 0; l < kLanes; ++l) lane[l] = neg_inf;
+        index_t j = 0;
+        for (; j + kLanes <= lim; j += kLanes)
+            for (int l = 0; l < kLanes; ++l) {
+                const T z = mr ? s * xr[j + l] + mr[j + l] : s * xr[j + l];
+                yr[j + l] = z;
+                lane[l] = z > lane[l] ? z : lane[l];
+            }
+        T m = neg_inf;
+        for (; j < lim; ++j) {
+            const T z = mr ? s * xr[j] + mr[j] : s * xr[j];
+            yr[j] = z;
+            m = z > m ? z : m;
+        }
+        for (int l = 0; l < kLanes; ++l) m = lane[l] > m ? lane[l] : m;
+        for (j = lim; j < n; ++j) yr[j] = T(0);
+        if (m == neg_inf) {
+            // No entry above −inf: zeros (no probability mass) unless some
+            // z_j is NaN (→ NaN, as always).
             bool has_nan = false;
-            for (index_t j = 0; j < n; ++j) has_nan |= (s * xr[j]) != (s * xr[j]);
+            for (j = 0; j < lim; ++j) has_nan |= yr[j] != yr[j];
             const T fill = has_nan ? std::numeric_limits<T>::quiet_NaN() : T(0);
-            for (index_t j = 0; j < n; ++j) yr[j] = fill;
+            for (j = 0; j < n; ++j) yr[j] = fill;
             continue;
         }
-        for (index_t j = 0; j < n; ++j) yr[j] = vexp(s * xr[j] - m);  // each ≤ 1 (one is ≈ 1)
-        const T inv_sum = T(1) / sum_lanes(yr, n);          // sum ≥ 1: no 0/0
-        for (index_t j = 0; j < n; ++j) yr[j] *= inv_sum;
+        for (j = 0; j < lim; ++j) yr[j] = vexp(yr[j] - m);  // each ≤ 1 (one is ≈ 1)
+        const T sum = sum_lanes(yr, lim);                    // ≥ 1: no 0/0 (or NaN)
+        if (sum != sum) {  // NaN or +inf in the row: all NaN, causal tail included
+            for (j = 0; j < n; ++j) yr[j] = std::numeric_limits<T>::quiet_NaN();
+            continue;
+        }
+        const T inv_sum = T(1) / sum;
+        for (j = 0; j < lim; ++j) yr[j] *= inv_sum;
     }
 }
 
 template <typename T>
-NF_INLINE void backward_rows(const T* dy, const T* y, T* dx, index_t r0, index_t r1, index_t n) {
+NF_INLINE void backward_rows(const T* dy, const T* y, T* dx, index_t r0, index_t r1, index_t n,
+                             T s) {
     for (index_t r = r0; r < r1; ++r) {
         const T* NF_RESTRICT dyr = dy + r * n;
         const T* NF_RESTRICT yr = y + r * n;
         T* NF_RESTRICT dxr = dx + r * n;
         const T dot = dot_lanes(dyr, yr, n);  // Σ_i dy_i y_i
-        for (index_t j = 0; j < n; ++j) dxr[j] = yr[j] * (dyr[j] - dot);
+        if (s == T(1))
+            for (index_t j = 0; j < n; ++j) dxr[j] = yr[j] * (dyr[j] - dot);
+        else
+            for (index_t j = 0; j < n; ++j) dxr[j] = s * (yr[j] * (dyr[j] - dot));
     }
 }
+
+// ---- AVX-512 float rows ----------------------------------------------------
+#if NUMFORMER_X86_DISPATCH
+
+// e^x for x ≤ 0 (or −inf), 16 lanes: the same method and accuracy as vexp
+// (n = round(x·log2 e), r = x − n·ln2 in two parts, degree-7 Taylor for e^r),
+// with vscalefps computing p·2^n in one instruction. Arguments below
+// kLowest (e^x < FLT_MIN), −inf included, give 0: the same flush as vexp.
+NF_TARGET("avx512f,avx2,fma")
+NF_INLINE __m512 exp_avx512(__m512 x) {
+    using Tr = ExpTraits<float>;
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(Tr::kLog2e)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(Tr::kLn2Hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(Tr::kLn2Lo), r);
+    constexpr InvFactorials<float, Tr::kDegree> c{};
+    __m512 p = _mm512_set1_ps(c.value[Tr::kDegree]);
+#pragma GCC unroll 8
+    for (int i = Tr::kDegree - 1; i >= 0; --i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c.value[i]));
+    const __m512 e = _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(Tr::kLowest), _CMP_GE_OQ), e);
+}
+
+NF_TARGET("avx512f,avx2,fma")
+NF_INLINE __mmask16 tail_mask(index_t left) {
+    return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+}
+
+NF_TARGET("avx512f,avx2,fma")
+void forward_avx512_f32(const float* x, float* y, index_t r0, index_t r1, index_t n, float s,
+                        const SoftmaxMask<float>& mk) {
+    const __m512 vs = _mm512_set1_ps(s);
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    for (index_t r = r0; r < r1; ++r) {
+        const float* xr = x + r * n;
+        const float* mr = mask_row(mk, r, n);
+        float* yr = y + r * n;
+        const index_t lim = visible_keys(mk, r, n);
+
+        // Pass 1: max of z over the visible keys, and whether any z is NaN.
+        __m512 vmax = _mm512_set1_ps(neg_inf);
+        __mmask16 nan_seen = 0;
+        for (index_t j = 0; j < lim; j += 16) {
+            const __mmask16 k = tail_mask(lim - j);
+            __m512 z = _mm512_mul_ps(vs, _mm512_maskz_loadu_ps(k, xr + j));
+            if (mr) z = _mm512_add_ps(z, _mm512_maskz_loadu_ps(k, mr + j));
+            vmax = _mm512_mask_max_ps(vmax, k, vmax, z);
+            nan_seen |= _mm512_mask_cmp_ps_mask(k, z, z, _CMP_UNORD_Q);
+        }
+        const float m = _mm512_reduce_max_ps(vmax);
+        if (nan_seen != 0 || m == std::numeric_limits<float>::infinity() || m == neg_inf) {
+            // NaN / +inf anywhere: all NaN. Everything −inf (or no visible
+            // key): all zeros — the row carries no probability mass.
+            const __m512 fill = _mm512_set1_ps(m == neg_inf && nan_seen == 0
+                                                   ? 0.0f
+                                                   : std::numeric_limits<float>::quiet_NaN());
+            for (index_t j = 0; j < n; j += 16) _mm512_mask_storeu_ps(yr + j, tail_mask(n - j), fill);
+            continue;
+        }
+
+        // Pass 2: y = exp(z − m), summed lane-wise.
+        const __m512 vm = _mm512_set1_ps(m);
+        __m512 vsum0 = _mm512_setzero_ps(), vsum1 = _mm512_setzero_ps();
+        index_t j = 0;
+        for (; j + 32 <= lim; j += 32) {  // two vectors per step: two exp chains in flight
+            __m512 z0 = _mm512_mul_ps(vs, _mm512_loadu_ps(xr + j));
+            __m512 z1 = _mm512_mul_ps(vs, _mm512_loadu_ps(xr + j + 16));
+            if (mr) {
+                z0 = _mm512_add_ps(z0, _mm512_loadu_ps(mr + j));
+                z1 = _mm512_add_ps(z1, _mm512_loadu_ps(mr + j + 16));
+            }
+            const __m512 e0 = exp_avx512(_mm512_sub_ps(z0, vm));
+            const __m512 e1 = exp_avx512(_mm512_sub_ps(z1, vm));
+            _mm512_storeu_ps(yr + j, e0);
+            _mm512_storeu_ps(yr + j + 16, e1);
+            vsum0 = _mm512_add_ps(vsum0, e0);
+            vsum1 = _mm512_add_ps(vsum1, e1);
+        }
+        for (; j < lim; j += 16) {
+            const __mmask16 k = tail_mask(lim - j);
+            __m512 z = _mm512_mul_ps(vs, _mm512_maskz_loadu_ps(k, xr + j));
+            if (mr) z = _mm512_add_ps(z, _mm512_maskz_loadu_ps(k, mr + j));
+            const __m512 e = _mm512_maskz_mov_ps(k, exp_avx512(_mm512_sub_ps(z, vm)));
+            _mm512_mask_storeu_ps(yr + j, k, e);
+            vsum0 = _mm512_add_ps(vsum0, e);
+        }
+        // Σ ≥ 1 (the maximum contributes e^0 = 1): no division by 0.
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_add_ps(vsum0, vsum1)));
+
+        // Pass 3: normalise; keys beyond the causal limit are 0.
+        for (j = 0; j + 16 <= lim; j += 16) _mm512_storeu_ps(yr + j, _mm512_mul_ps(_mm512_loadu_ps(yr + j), inv));
+        if (j < lim) {
+            const __mmask16 k = tail_mask(lim - j);
+            _mm512_mask_storeu_ps(yr + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, yr + j), inv));
+        }
+        for (j = lim; j < n; ++j) yr[j] = 0.0f;
+    }
+}
+#endif
 
 // ---- instruction-set variants ----------------------------------------------
 
 template <typename T>
-using ForwardFn = void (*)(const T*, T*, index_t, index_t, index_t, T);
+using ForwardFn = void (*)(const T*, T*, index_t, index_t, index_t, T, const SoftmaxMask<T>&);
 template <typename T>
-using BackwardFn = void (*)(const T*, const T*, T*, index_t, index_t, index_t);
+using BackwardFn = void (*)(const T*, const T*, T*, index_t, index_t, index_t, T);
 
 template <typename T>
-void forward_generic(const T* x, T* y, index_t r0, index_t r1, index_t n, T s) {
-    forward_rows(x, y, r0, r1, n, s);
+void forward_generic(const T* x, T* y, index_t r0, index_t r1, index_t n, T s,
+                     const SoftmaxMask<T>& mk) {
+    forward_rows(x, y, r0, r1, n, s, mk);
 }
 template <typename T>
-void backward_generic(const T* dy, const T* y, T* dx, index_t r0, index_t r1, index_t n) {
-    backward_rows(dy, y, dx, r0, r1, n);
+void backward_generic(const T* dy, const T* y, T* dx, index_t r0, index_t r1, index_t n, T s) {
+    backward_rows(dy, y, dx, r0, r1, n, s);
 }
 #if NUMFORMER_X86_DISPATCH
 template <typename T>
 NF_TARGET("avx2,fma")
-void forward_avx2(const T* x, T* y, index_t r0, index_t r1, index_t n, T s) {
-    forward_rows(x, y, r0, r1, n, s);
+void forward_avx2(const T* x, T* y, index_t r0, index_t r1, index_t n, T s,
+                  const SoftmaxMask<T>& mk) {
+    forward_rows(x, y, r0, r1, n, s, mk);
 }
 template <typename T>
 NF_TARGET("avx2,fma")
-void backward_avx2(const T* dy, const T* y, T* dx, index_t r0, index_t r1, index_t n) {
-    backward_rows(dy, y, dx, r0, r1, n);
+void backward_avx2(const T* dy, const T* y, T* dx, index_t r0, index_t r1, index_t n, T s) {
+    backward_rows(dy, y, dx, r0, r1, n, s);
 }
 template <typename T>
 NF_TARGET("avx512f,avx2,fma")
-void forward_avx512(const T* x, T* y, index_t r0, index_t r1, index_t n, T s) {
-    forward_rows(x, y, r0, r1, n, s);
+void forward_avx512(const T* x, T* y, index_t r0, index_t r1, index_t n, T s,
+                    const SoftmaxMask<T>& mk) {
+    forward_rows(x, y, r0, r1, n, s, mk);
 }
 template <typename T>
 NF_TARGET("avx512f,avx2,fma")
-void backward_avx512(const T* dy, const T* y, T* dx, index_t r0, index_t r1, index_t n) {
-    backward_rows(dy, y, dx, r0, r1, n);
+void backward_avx512(const T* dy, const T* y, T* dx, index_t r0, index_t r1, index_t n, T s) {
+    backward_rows(dy, y, dx, r0, r1, n, s);
 }
 #endif
 
-template <typename T>
-ForwardFn<T> forward_for(Isa isa) {
+ForwardFn<float> forward_for(Isa isa, float /*tag*/) {
 #if NUMFORMER_X86_DISPATCH
-    if (isa == Isa::avx512) return forward_avx512<T>;
-    if (isa == Isa::avx2) return forward_avx2<T>;
+    if (isa == Isa::avx512) return forward_avx512_f32;
+    if (isa == Isa::avx2) return forward_avx2<float>;
 #endif
     (void)isa;
-    return forward_generic<T>;
+    return forward_generic<float>;
+}
+
+ForwardFn<double> forward_for(Isa isa, double /*tag*/) {
+#if NUMFORMER_X86_DISPATCH
+    if (isa == Isa::avx512) return forward_avx512<double>;
+    if (isa == Isa::avx2) return forward_avx2<double>;
+#endif
+    (void)isa;
+    return forward_generic<double>;
 }
 
 template <typename T>
@@ -146,20 +297,21 @@ int threads_for(index_t rows, index_t n) {
 }  // namespace
 
 template <typename T>
-void softmax_forward(const T* x, T* y, index_t rows, index_t n, T scale) {
+void softmax_forward(const T* x, T* y, index_t rows, index_t n, T scale,
+                     const SoftmaxMask<T>& mask) {
     if (rows <= 0 || n <= 0) return;
-    const ForwardFn<T> fn = forward_for<T>(active_isa());
+    const ForwardFn<T> fn = forward_for(active_isa(), T{});
     const int threads = threads_for(rows, n);
     const index_t chunk = (rows + threads - 1) / threads;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int t = 0; t < threads; ++t) {
         const index_t r0 = std::min<index_t>(rows, t * chunk);
-        fn(x, y, r0, std::min<index_t>(rows, r0 + chunk), n, scale);
+        fn(x, y, r0, std::min<index_t>(rows, r0 + chunk), n, scale, mask);
     }
 }
 
 template <typename T>
-void softmax_backward(const T* dy, const T* y, T* dx, index_t rows, index_t n) {
+void softmax_backward(const T* dy, const T* y, T* dx, index_t rows, index_t n, T scale) {
     if (rows <= 0 || n <= 0) return;
     const BackwardFn<T> fn = backward_for<T>(active_isa());
     const int threads = threads_for(rows, n);
@@ -167,13 +319,16 @@ void softmax_backward(const T* dy, const T* y, T* dx, index_t rows, index_t n) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int t = 0; t < threads; ++t) {
         const index_t r0 = std::min<index_t>(rows, t * chunk);
-        fn(dy, y, dx, r0, std::min<index_t>(rows, r0 + chunk), n);
+        fn(dy, y, dx, r0, std::min<index_t>(rows, r0 + chunk), n, scale);
     }
 }
 
-template void softmax_forward<float>(const float*, float*, index_t, index_t, float);
-template void softmax_forward<double>(const double*, double*, index_t, index_t, double);
-template void softmax_backward<float>(const float*, const float*, float*, index_t, index_t);
-template void softmax_backward<double>(const double*, const double*, double*, index_t, index_t);
+template void softmax_forward<float>(const float*, float*, index_t, index_t, float,
+                                     const SoftmaxMask<float>&);
+template void softmax_forward<double>(const double*, double*, index_t, index_t, double,
+                                      const SoftmaxMask<double>&);
+template void softmax_backward<float>(const float*, const float*, float*, index_t, index_t, float);
+template void softmax_backward<double>(const double*, const double*, double*, index_t, index_t,
+                                       double);
 
 }  // namespace numformer::cpu

@@ -170,21 +170,46 @@ def _use_cpu_matmul(a, b, out) -> bool:
 # softmax over the last axis
 # --------------------------------------------------------------------------
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis; ``-inf`` entries get probability 0 and a
-    row that is entirely ``-inf`` gives all zeros (not NaN)."""
-    if current() == "cpu" and x.dtype in (np.float32, np.float64) and x.ndim >= 1:
-        return _cpu_module.softmax_forward(np.ascontiguousarray(x))
+def _masked_logits(x, scale, mask, causal):
+    """NumPy definition of the logits ``scale·x + mask`` with causal positions at −inf."""
+    z = x * x.dtype.type(scale) if scale != 1.0 else x
+    if mask is not None:
+        z = z + mask
+    if causal:
+        tq, tk = x.shape[-2], x.shape[-1]
+        visible = np.arange(tk)[None, :] <= np.arange(tq)[:, None] + (tk - tq)  # (Tq, Tk)
+        z = np.where(visible, z, -np.inf).astype(x.dtype, copy=False)
+    return z
+
+
+def softmax(x: np.ndarray, scale: float = 1.0, mask: np.ndarray | None = None,
+            causal: bool = False) -> np.ndarray:
+    """``softmax(scale·x + mask)`` over the last axis.
+
+    mask: optional additive mask broadcasting against ``x`` (its last axis equal
+    to x's), e.g. (Tq, Tk) or (B, 1, 1, Tk). causal: ``x`` is (..., Tq, Tk) and
+    query i sees keys j ≤ i + Tk − Tq only. ``-inf`` entries get probability 0
+    and a row that is entirely ``-inf`` gives all zeros (not NaN).
+    """
+    if current() == "cpu" and x.dtype in (np.float32, np.float64) and x.ndim >= 1 \
+            and (mask is None or (mask.dtype == x.dtype and 1 <= mask.ndim <= x.ndim)) \
+            and (not causal or x.ndim >= 2):
+        m = None if mask is None else np.ascontiguousarray(mask)
+        return _cpu_module.softmax_forward(np.ascontiguousarray(x), scale=scale, mask=m, causal=causal)
     from numformer.ops import softmax as softmax_op
 
-    return softmax_op.softmax_reference(x)
+    if scale == 1.0 and mask is None and not causal:
+        return softmax_op.softmax_reference(x)
+    return softmax_op.softmax_reference(_masked_logits(x, scale, mask, causal))
 
 
-def softmax_backward(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``dx = y ⊙ (dy − Σ_j dy_j y_j)`` over the last axis."""
+def softmax_backward(dy: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """``dx = scale · y ⊙ (dy − Σ_j dy_j y_j)`` over the last axis: the gradient
+    of ``softmax(scale·x + mask)`` with respect to ``x`` (``y`` is its output)."""
     if current() == "cpu" and dy.dtype == y.dtype and y.dtype in (np.float32, np.float64) \
             and dy.shape == y.shape:
-        return _cpu_module.softmax_backward(np.ascontiguousarray(dy), np.ascontiguousarray(y))
+        return _cpu_module.softmax_backward(np.ascontiguousarray(dy), np.ascontiguousarray(y), scale=scale)
     from numformer.ops import softmax as softmax_op
 
-    return softmax_op.softmax_backward_reference(dy, y)
+    dx = softmax_op.softmax_backward_reference(dy, y)
+    return dx if scale == 1.0 else dx * y.dtype.type(scale)
