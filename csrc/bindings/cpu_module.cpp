@@ -28,6 +28,9 @@ namespace py = pybind11;
 namespace nc = numformer::cpu;
 using nc::index_t;
 
+// Fused non-GEMM kernels (LayerNorm, GELU, cross-entropy, embedding, optimizers).
+void register_fused(py::module_& m);  // bind_fused.cpp
+
 namespace {
 
 using namespace numformer::bindings;
@@ -278,6 +281,7 @@ that is entirely -inf gives all zeros; a row containing NaN or +inf gives NaN.)d
           "For tests and benchmarks: every variant must give the same results.");
     m.def("build_info", &nc::build_info,
           "Compiler, OpenMP, SIMD and thread settings of this build, as one line.");
+    register_fused(m);
     m.attr("__build_info__") = nc::build_info();
 
     const std::string warnings = nc::env_warnings();
