@@ -45,15 +45,13 @@ NF_INLINE float chunk_max(const float* NF_RESTRICT z, index_t n) {
     return m;
 }
 
+// Σ_j e^{z_j − m} over one chunk: the exponentials go to a small buffer
+// first (a plain element-wise loop, which vectorises like softmax's), then
+// are summed with kLanes partial sums.
 NF_INLINE float chunk_sum_exp(const float* NF_RESTRICT z, index_t n, float m) {
-    float lane[kLanes] = {};
-    index_t j = 0;
-    for (; j + kLanes <= n; j += kLanes)
-        for (int l = 0; l < kLanes; ++l) lane[l] += vexp(z[j + l] - m);
-    float s = 0.0f;
-    for (; j < n; ++j) s += vexp(z[j] - m);
-    for (int l = 0; l < kLanes; ++l) s += lane[l];
-    return s;
+    alignas(64) float e[kChunk];
+    for (index_t j = 0; j < n; ++j) e[j] = vexp(z[j] - m);
+    return sum_lanes(e, n);
 }
 
 struct XentForwardRows {
