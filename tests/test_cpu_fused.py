@@ -511,3 +511,37 @@ def test_gpt2_training_losses_agree_on_both_backends():
     # float32 throughout; the backends round differently (GEMM blocking, fused
     # sums), and six AdamW steps amplify it a little: agree to 1e-4 relative.
     np.testing.assert_allclose(curves["cpu"], curves["numpy"], rtol=1e-4)
+
+
+def test_results_do_not_depend_on_thread_count_at_parallel_sizes():
+    """Sizes above the kernels' parallel threshold (2^21 elements), 1 vs 2 vs 3 threads: bitwise equal."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2100, 1024)).astype(np.float32)            # 2.1M elements
+    g, b = rng.standard_normal(1024).astype(np.float32), np.zeros(1024, np.float32)
+    z = rng.standard_normal((90, 50257)).astype(np.float32)
+    y = rng.integers(0, 50257, 90)
+    ids = rng.integers(0, 300, (3, 700))
+    dout = rng.standard_normal((3, 700, 1024)).astype(np.float32)
+    P = 5_000_003
+    grads = rng.standard_normal(P).astype(np.float32)
+
+    def run():
+        out, mean, rstd = _cpu.layernorm_forward(x, g, b, 1e-5)
+        ln = (out,) + _cpu.layernorm_backward(x, x, mean, rstd, g)
+        ge = (_cpu.gelu_tanh_forward(x), _cpu.gelu_tanh_backward(x, x))
+        total, lse = _cpu.cross_entropy_forward(z, y)
+        xe = (np.float64(total), lse, _cpu.cross_entropy_backward(z, y, lse, 0.01))
+        dwte = np.zeros((300, 1024), np.float32)
+        _cpu.embedding_backward(dout, ids, dwte)
+        p, m, v = np.ones(P, np.float32), np.zeros(P, np.float32), np.zeros(P, np.float32)
+        _cpu.adamw_step(p, grads, m, v, None, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8,
+                        weight_decay=0.1, step=1)
+        return ln + ge + xe + (dwte, p, m, v)
+
+    results = []
+    for n in (1, 2, 3):
+        with using_threads(n):
+            results.append(run())
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            np.testing.assert_array_equal(a, b_)

@@ -84,7 +84,7 @@ struct SgdRange {
     }
 };
 
-constexpr index_t kGrain = 1 << 16;
+constexpr index_t kGrain = kParallelWork;
 
 }  // namespace
 

@@ -110,7 +110,7 @@ double cross_entropy_forward(const float* z, const std::int64_t* y, float* lse, 
                              index_t V, std::int64_t ignore) {
     if (rows <= 0) return 0.0;
     const Isa isa = active_isa();
-    parallel_ranges(rows, std::max<index_t>(1, (1 << 15) / std::max<index_t>(V, 1)),
+    parallel_ranges(rows, std::max<index_t>(1, kParallelWork / std::max<index_t>(V, 1)),
                     [&](index_t r0, index_t r1) { run_isa<XentForwardRows>(isa, z, lse, r0, r1, V); });
     double total = 0.0;
     for (index_t r = 0; r < rows; ++r)
@@ -122,7 +122,7 @@ void cross_entropy_backward(const float* z, const std::int64_t* y, const float* 
                             index_t rows, index_t V, std::int64_t ignore, float scale) {
     if (rows <= 0 || V <= 0) return;
     const Isa isa = active_isa();
-    parallel_ranges(rows, std::max<index_t>(1, (1 << 15) / V), [&](index_t r0, index_t r1) {
+    parallel_ranges(rows, std::max<index_t>(1, kParallelWork / V), [&](index_t r0, index_t r1) {
         run_isa<XentBackwardRows>(isa, z, y, lse, dz, r0, r1, V, ignore, scale);
     });
 }

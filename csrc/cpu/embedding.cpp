@@ -51,12 +51,12 @@ void embedding_backward(const float* dout, const std::int64_t* ids, float* dwte,
     const index_t N = B * T;
     const Isa isa = active_isa();
     // Grain: split the vocabulary only when there are enough rows to add.
-    const index_t grain = N * C >= (1 << 15) ? std::max<index_t>(1, V / num_threads()) : V;
+    const index_t grain = N * C >= kParallelWork ? std::max<index_t>(1, V / num_threads()) : V;
     parallel_ranges(V, grain, [&](index_t v0, index_t v1) {
         run_isa<ScatterRows>(isa, dout, ids, dwte, N, C, v0, v1);
     });
     if (dwpe != nullptr) {
-        parallel_ranges(T, std::max<index_t>(1, (1 << 15) / (B * C)), [&](index_t t0, index_t t1) {
+        parallel_ranges(T, std::max<index_t>(1, kParallelWork / (B * C)), [&](index_t t0, index_t t1) {
             run_isa<PositionRows>(isa, dout, dwpe, B, T, C, pos0, t0, t1);
         });
     }

@@ -52,7 +52,7 @@ struct GeluBackward {
     }
 };
 
-constexpr index_t kGrain = 1 << 15;
+constexpr index_t kGrain = kParallelWork;
 
 }  // namespace
 

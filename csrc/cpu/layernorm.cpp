@@ -103,7 +103,7 @@ void layernorm_forward(const float* x, const float* gamma, const float* beta, fl
                        float* mean, float* rstd, index_t rows, index_t C, float eps) {
     if (rows <= 0 || C <= 0) return;
     const Isa isa = active_isa();
-    parallel_ranges(rows, std::max<index_t>(1, (1 << 14) / C), [&](index_t r0, index_t r1) {
+    parallel_ranges(rows, std::max<index_t>(1, kParallelWork / C), [&](index_t r0, index_t r1) {
         run_isa<LayerNormForwardRows>(isa, x, gamma, beta, out, mean, rstd, r0, r1, C, eps);
     });
 }
@@ -118,7 +118,7 @@ void layernorm_backward(const float* dout, const float* x, const float* mean, co
     std::vector<float> partial(size_t(blocks * 2 * C));
     float* pp = partial.data();
     const Isa isa = active_isa();
-    parallel_ranges(blocks, std::max<index_t>(1, (1 << 14) / (kBlockRows * C)),
+    parallel_ranges(blocks, std::max<index_t>(1, kParallelWork / (kBlockRows * C)),
                     [&](index_t b0, index_t b1) {
                         run_isa<LayerNormBackwardBlocks>(isa, dout, x, mean, rstd, gamma, dx, pp,
                                                          b0, b1, rows, C);
