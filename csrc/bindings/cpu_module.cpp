@@ -29,6 +29,9 @@ namespace py = pybind11;
 namespace nc = numformer::cpu;
 using nc::index_t;
 
+// Fused non-GEMM kernels (LayerNorm, GELU, cross-entropy, embedding, optimizers).
+void register_fused(py::module_& m);  // bind_fused.cpp
+
 namespace {
 
 using namespace numformer::bindings;
@@ -340,6 +343,7 @@ with no finite entry (fully masked) gives all zeros; a row containing NaN or
           "For tests and benchmarks: every variant must give the same results.");
     m.def("build_info", &nc::build_info,
           "Compiler, OpenMP, SIMD and thread settings of this build, as one line.");
+    register_fused(m);
     m.attr("__build_info__") = nc::build_info();
 
     m.def("measure_fma_peak",

@@ -213,3 +213,73 @@ def softmax_backward(dy: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.nd
 
     dx = softmax_op.softmax_backward_reference(dy, y)
     return dx if scale == 1.0 else dx * y.dtype.type(scale)
+
+
+# --------------------------------------------------------------------------
+# fused non-GEMM ops: LayerNorm, GELU, cross-entropy, embedding, optimizers
+# --------------------------------------------------------------------------
+# These kernels are float32 only. The ops modules ask ``fused(...)`` first and
+# call the NumPy reference when it says no (numpy backend, float64, an older
+# extension without the kernels). The wrappers below make inputs contiguous
+# and of the kernels' dtypes; they do no other work.
+
+def fused(*arrays: np.ndarray) -> bool:
+    """True when the fused float32 kernels of ``numformer._cpu`` should run:
+    the cpu backend is active, the extension has them, and every array is float32."""
+    if current() != "cpu" or not hasattr(_cpu_module, "layernorm_forward"):
+        return False
+    return all(a.dtype == np.float32 for a in arrays)
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _i64(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def layernorm_forward(x, gamma, beta, eps: float):
+    """-> out (..., C), mean (...), rstd (...)."""
+    return _load_cpu().layernorm_forward(_f32(x), _f32(gamma), _f32(beta), float(eps))
+
+
+def layernorm_backward(dout, x, mean, rstd, gamma):
+    """-> dx (..., C), dgamma (C,), dbeta (C,)."""
+    return _load_cpu().layernorm_backward(_f32(dout), x, mean, rstd, gamma)
+
+
+def gelu_tanh_forward(x):
+    return _load_cpu().gelu_tanh_forward(_f32(x))
+
+
+def gelu_tanh_backward(dout, x):
+    return _load_cpu().gelu_tanh_backward(_f32(dout), x)
+
+
+def cross_entropy_forward(logits2d, targets1d, ignore_index: int):
+    """logits (N, V), targets (N,) -> (Σ over counted rows of lse − z[y], lse (N,))."""
+    return _load_cpu().cross_entropy_forward(_f32(logits2d), _i64(targets1d), int(ignore_index))
+
+
+def cross_entropy_backward(logits2d, targets1d, lse, scale: float, ignore_index: int, out=None):
+    """(softmax − onehot) · scale, ignored rows 0; ``out`` may be ``logits2d`` (in place)."""
+    return _load_cpu().cross_entropy_backward(logits2d, targets1d, lse, float(scale),
+                                              int(ignore_index), out=out)
+
+
+def embedding_backward(dout, ids, dwte, dwpe, pos0: int) -> None:
+    """In place: ``dwte[ids] += dout`` (repeats accumulate), ``dwpe[pos0+t] += Σ_b dout[:, t]``."""
+    _load_cpu().embedding_backward(_f32(dout), _i64(ids), dwte, dwpe, int(pos0))
+
+
+def adamw_step(params, grads, m, v, decay_mask, *, lr, beta1, beta2, eps, weight_decay, step) -> None:
+    """One AdamW update in place (bitwise equal to :class:`numformer.optim.AdamW`'s NumPy code)."""
+    _load_cpu().adamw_step(params, grads, m, v, decay_mask, lr=lr, beta1=beta1, beta2=beta2,
+                           eps=eps, weight_decay=weight_decay, step=step)
+
+
+def sgd_step(params, grads, momentum_buffer, decay_mask, *, lr, momentum, nesterov, weight_decay) -> None:
+    """One SGD update in place (bitwise equal to :class:`numformer.optim.SGD`'s NumPy code)."""
+    _load_cpu().sgd_step(params, grads, momentum_buffer, decay_mask, lr=lr, momentum=momentum,
+                         nesterov=nesterov, weight_decay=weight_decay)

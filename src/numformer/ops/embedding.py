@@ -7,11 +7,19 @@ so its gradient is ``onehot(ids)ᵀ @ dout``: every row of ``dout`` is *added*
 to the row of ``wte`` it came from. Repeated ids must accumulate, which is
 why the backward uses ``np.add.at`` — ``dwte[ids] += dout`` would keep only
 one of the repeated contributions.
+
+``backward_reference`` is the specification. On the cpu backend, float32
+gradients use ``numformer._cpu``'s deterministic scatter-add instead (each
+thread owns a range of vocabulary rows and adds the rows it owns in order).
+Both can add straight into existing gradient arrays (``dwte=``, ``dwpe=``),
+which saves a (V, C) temporary and a pass over it.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from numformer import backend
 
 
 def forward(ids: np.ndarray, wte: np.ndarray, wpe: np.ndarray, pos0: int = 0):
@@ -26,7 +34,26 @@ def forward(ids: np.ndarray, wte: np.ndarray, wpe: np.ndarray, pos0: int = 0):
     return out, (ids, wte.shape, wpe.shape, pos0)
 
 
-def backward(dout: np.ndarray, cache):
+def backward(dout: np.ndarray, cache, *, dwte: np.ndarray | None = None,
+             dwpe: np.ndarray | None = None):
+    """dout: (B, T, C) -> dwte: (V, C), dwpe: (P, C); see :func:`backward_reference`.
+
+    If ``dwte`` / ``dwpe`` are given the gradients are *added* into them (in
+    place) and they are returned; otherwise new arrays are returned.
+    """
+    ids, wte_shape, wpe_shape, pos0 = cache
+    arrays = [a for a in (dout, dwte, dwpe) if a is not None]
+    if backend.fused(*arrays) and all(a.flags.c_contiguous and a.flags.writeable
+                                      for a in (dwte, dwpe) if a is not None):
+        dwte = np.zeros(wte_shape, np.float32) if dwte is None else dwte
+        dwpe = np.zeros(wpe_shape, np.float32) if dwpe is None else dwpe
+        backend.embedding_backward(dout, ids, dwte, dwpe, pos0)
+        return dwte, dwpe
+    return backward_reference(dout, cache, dwte=dwte, dwpe=dwpe)
+
+
+def backward_reference(dout: np.ndarray, cache, *, dwte: np.ndarray | None = None,
+                       dwpe: np.ndarray | None = None):
     """dout: (B, T, C) -> dwte: (V, C), dwpe: (P, C).
 
     Forward line: ``out = wte[ids] + wpe[pos0:pos0+T]``.
@@ -37,8 +64,8 @@ def backward(dout: np.ndarray, cache):
     """
     ids, wte_shape, wpe_shape, pos0 = cache
     C = dout.shape[-1]
-    dwte = np.zeros(wte_shape, dtype=dout.dtype)
+    dwte = np.zeros(wte_shape, dtype=dout.dtype) if dwte is None else dwte
     np.add.at(dwte, ids.reshape(-1), dout.reshape(-1, C))     # repeated ids accumulate
-    dwpe = np.zeros(wpe_shape, dtype=dout.dtype)
-    dwpe[pos0:pos0 + ids.shape[1]] = dout.sum(axis=0)         # (T, C)
+    dwpe = np.zeros(wpe_shape, dtype=dout.dtype) if dwpe is None else dwpe
+    dwpe[pos0:pos0 + ids.shape[1]] += dout.sum(axis=0)        # (T, C)
     return dwte, dwpe

@@ -4,13 +4,23 @@ Two forms are in use:
 
 * ``approximate="tanh"`` (GPT-2):  ``0.5 x (1 + tanh(k (x + 0.044715 x³)))``, ``k = √(2/π)``
 * ``approximate="none"`` (BERT):  ``0.5 x (1 + erf(x/√2))`` — the exact Φ.
+
+``forward_reference`` / ``backward_reference`` are the specification. On the
+cpu backend the float32 tanh form runs ``numformer._cpu``'s fused kernel,
+which computes ``½(1 + tanh u)`` as the logistic ``σ(2u) = 1/(1 + e^{−2u})``
+(the same function, without the cancellation of ``1 + tanh u`` near −1),
+caches only ``x`` and recomputes ``e^{−2u}`` in the backward. The exact (erf)
+form stays on NumPy.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
+
+from numformer import backend
 
 _K = math.sqrt(2.0 / math.pi)
 _A = 0.044715
@@ -22,7 +32,27 @@ def erf(x: np.ndarray) -> np.ndarray:
     return _erf(x).astype(x.dtype) if x.size else np.zeros_like(x)
 
 
+class _FusedCache(NamedTuple):
+    """Cache of the compiled tanh-form forward: just its (contiguous) input."""
+    x: np.ndarray
+
+
 def forward(x: np.ndarray, approximate: str = "tanh"):
+    """x: (...) -> out: (...), cache."""
+    if approximate == "tanh" and backend.fused(x):
+        xc = np.ascontiguousarray(x)
+        return backend.gelu_tanh_forward(xc), _FusedCache(xc)
+    return forward_reference(x, approximate)
+
+
+def backward(dout: np.ndarray, cache) -> np.ndarray:
+    """dout: (...) -> dx: (...); see :func:`backward_reference`."""
+    if isinstance(cache, _FusedCache):
+        return backend.gelu_tanh_backward(dout, cache.x)
+    return backward_reference(dout, cache)
+
+
+def forward_reference(x: np.ndarray, approximate: str = "tanh"):
     """x: (...) -> out: (...), cache."""
     if approximate == "tanh":
         u = _K * (x + _A * (x * x * x))   # x*x*x, not x**3: NumPy's float pow is ~100x slower
@@ -34,7 +64,7 @@ def forward(x: np.ndarray, approximate: str = "tanh"):
     raise ValueError(f"gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
 
 
-def backward(dout: np.ndarray, cache) -> np.ndarray:
+def backward_reference(dout: np.ndarray, cache) -> np.ndarray:
     """dout: (...) -> dx: (...).
 
     tanh form, forward line ``out = ½ x (1 + tanh u)``, ``u = k (x + a x³)``:

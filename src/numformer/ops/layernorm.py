@@ -3,14 +3,47 @@
     μ = mean(x),  σ² = mean((x − μ)²),  r = 1/√(σ² + ε)
     x̂ = (x − μ) · r
     out = γ ⊙ x̂ + β
+
+``forward_reference`` / ``backward_reference`` are the specification. On the
+cpu backend, float32 inputs run ``numformer._cpu``'s fused kernel instead
+(one pass per row; its cache keeps x, μ and r and the backward recomputes x̂).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
+
+from numformer import backend
+
+
+class _FusedCache(NamedTuple):
+    """Cache of the compiled forward: input, per-row mean and 1/std, γ."""
+    x: np.ndarray        # (..., C) float32, contiguous
+    mean: np.ndarray     # (...)
+    rstd: np.ndarray     # (...)
+    gamma: np.ndarray    # (C,)
 
 
 def forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5):
+    """x: (..., C), gamma: (C,), beta: (C,) -> out: (..., C), cache."""
+    if backend.fused(x, gamma, beta) and x.ndim >= 1:
+        xc = np.ascontiguousarray(x)
+        gc = np.ascontiguousarray(gamma)
+        out, mean, rstd = backend.layernorm_forward(xc, gc, beta, eps)
+        return out, _FusedCache(xc, mean, rstd, gc)
+    return forward_reference(x, gamma, beta, eps)
+
+
+def backward(dout: np.ndarray, cache):
+    """dout: (..., C) -> dx (..., C), dgamma (C,), dbeta (C,); see :func:`backward_reference`."""
+    if isinstance(cache, _FusedCache):
+        return backend.layernorm_backward(dout, *cache)
+    return backward_reference(dout, cache)
+
+
+def forward_reference(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5):
     """x: (..., C), gamma: (C,), beta: (C,) -> out: (..., C), cache (x̂, r, γ)."""
     mu = x.mean(axis=-1, keepdims=True)                      # (..., 1)
     xc = x - mu                                              # (..., C)
@@ -21,7 +54,7 @@ def forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-
     return out, (xhat, rstd, gamma)
 
 
-def backward(dout: np.ndarray, cache):
+def backward_reference(dout: np.ndarray, cache):
     """dout: (..., C) -> dx (..., C), dgamma (C,), dbeta (C,).
 
     Forward lines: ``x̂ = (x − μ) r`` and ``out = γ x̂ + β``.
