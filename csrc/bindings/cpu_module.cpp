@@ -25,6 +25,9 @@
 #include "cpu/softmax.h"
 
 namespace py = pybind11;
+
+void register_attention(py::module_& m);  // bind_attention.cpp
+
 namespace nc = numformer::cpu;
 using nc::index_t;
 
@@ -266,6 +269,8 @@ that is entirely -inf gives all zeros; a row containing NaN or +inf gives NaN.)d
 
     m.def("softmax_backward", &softmax_backward, py::arg("dy"), py::arg("y"),
           "dx = y * (dy - sum(dy * y, axis=-1, keepdims=True)), y = softmax output.");
+
+    register_attention(m);
 
     m.def("num_threads", &nc::num_threads,
           "Threads a kernel may use (NUMFORMER_NUM_THREADS, else OpenMP's default).");
