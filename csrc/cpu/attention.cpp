@@ -64,8 +64,17 @@
 namespace numformer::cpu {
 namespace {
 
-constexpr index_t kBr = 64;  // queries per tile (vector lanes of Sᵀ, Oᵀ)
-constexpr index_t kBc = 64;  // keys per tile (rows of Sᵀ)
+#ifndef NF_ATTN_BR
+#define NF_ATTN_BR 64
+#endif
+#ifndef NF_ATTN_NV
+#define NF_ATTN_NV 4
+#endif
+constexpr index_t kBr = NF_ATTN_BR;  // queries per tile (vector lanes of Sᵀ, Oᵀ)
+#ifndef NF_ATTN_BC
+#define NF_ATTN_BC 64
+#endif
+constexpr index_t kBc = NF_ATTN_BC;  // keys per tile (rows of Sᵀ)
 constexpr index_t kMaxLanes = 16;  // the widest vector: 16 floats (AVX-512)
 
 index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
@@ -82,7 +91,10 @@ struct Cfg {
 };
 
 // AVX-512: 32 zmm; 4×4 accumulators + 4 B vectors + a broadcast.
-template <typename T> using Avx512Cfg = Cfg<T, 64, 4, 4>;
+#ifndef NF_ATTN_MR
+#define NF_ATTN_MR 4
+#endif
+template <typename T> using Avx512Cfg = Cfg<T, 64, NF_ATTN_MR, NF_ATTN_NV>;
 // AVX2+FMA: 16 ymm; 6×2 accumulators + 2 B vectors + a broadcast.
 template <typename T> using Avx2Cfg = Cfg<T, 32, 6, 2>;
 // Baseline (SSE2 / NEON): 16-byte vectors, 4×2 accumulators.
@@ -240,8 +252,11 @@ NF_INLINE void forward_task(const AttentionProblem<typename C::T>& P, index_t bh
 
     // s·Qᵀ for this tile; lanes nq..W−1 are zero queries (computed, never written).
     const T* qh = P.q.head(b, h) + i0 * P.q.st;
-    for (index_t i = 0; i < nq; ++i)
-        for (index_t d = 0; d < D; ++d) qt_[d * kBr + i] = P.scale * qh[i * P.q.st + d];
+    for (index_t ib = 0; ib < nq; ib += kMaxLanes) {
+        const index_t ie = std::min<index_t>(nq, ib + kMaxLanes);
+        for (index_t d = 0; d < D; ++d)
+            for (index_t i = ib; i < ie; ++i) qt_[d * kBr + i] = P.scale * qh[i * P.q.st + d];
+    }
     for (index_t d = 0; d < D; ++d)
         for (index_t i = nq; i < W; ++i) qt_[d * kBr + i] = T(0);
     for (index_t i = 0; i < W; ++i) {
@@ -324,7 +339,7 @@ BackwardShape backward_shape(index_t Tq, index_t D) {
 // Upper bound over all variants (lanes ≤ kMaxLanes).
 inline index_t backward_workspace(index_t Tq, index_t Tk, index_t D) {
     const index_t Tqp = round_up(Tq, kMaxLanes), Dp = round_up(D, kMaxLanes);
-    return 2 * D * Tqp + 2 * Tqp + (2 * Tqp * Dp + Tk * Dp) + Tqp * Dp + 2 * kBc * kBr +
+    return 2 * D * (Tqp + kMaxLanes) + 2 * Tqp + (2 * Tqp * Dp + Tk * Dp) + Tqp * Dp + 2 * kBc * kBr +
            2 * kBc * Dp;
 }
 
@@ -348,9 +363,13 @@ NF_INLINE void backward_task(const AttentionProblem<typename C::T>& P,
     const T* doh = dO.head(b, h);
     const std::uint8_t* km = P.key_mask != nullptr ? P.key_mask + b * Tk : nullptr;
 
-    T* NF_RESTRICT qt_ = ws;             // D × Tqp   s·Qᵀ
-    T* NF_RESTRICT dot_ = qt_ + D * Tqp; // D × Tqp   dOᵀ
-    T* NF_RESTRICT lb = dot_ + D * Tqp;  // Tqp       L (−inf → +inf; padding +inf)
+    // Qᵀ and dOᵀ rows are ldt apart: kMaxLanes more than needed, so that rows
+    // are not a multiple of 4 KiB apart (which would make a B panel of the
+    // micro-kernel, D rows of one cache line, fall into one L1 set).
+    const index_t ldt = Tqp + kMaxLanes;
+    T* NF_RESTRICT qt_ = ws;             // D × ldt   s·Qᵀ
+    T* NF_RESTRICT dot_ = qt_ + D * ldt; // D × ldt   dOᵀ
+    T* NF_RESTRICT lb = dot_ + D * ldt;  // Tqp       L (−inf → +inf; padding +inf)
     T* NF_RESTRICT dd = lb + Tqp;        // Tqp       D_i = Σ_d dO·O
     T* NF_RESTRICT dqa = dd + Tqp;       // Tqp × Dp  dQ accumulator
     T* NF_RESTRICT st = dqa + Tqp * Dp;  // kBc × kBr Sᵀ, then Pᵀ
@@ -359,13 +378,18 @@ NF_INLINE void backward_task(const AttentionProblem<typename C::T>& P,
     T* NF_RESTRICT dva = dka + kBc * Dp; // kBc × Dp
     T* rows = dva + kBc * Dp;            // packed Q, dO, K rows when D is not whole vectors
 
-    for (index_t i = 0; i < Tq; ++i)
-        for (index_t d = 0; d < D; ++d) {
-            qt_[d * Tqp + i] = P.scale * qh[i * P.q.st + d];
-            dot_[d * Tqp + i] = doh[i * dO.st + d];
-        }
+    // Transposes in blocks of kMaxLanes queries: each pass writes one short
+    // contiguous run per d and reads kMaxLanes rows that stay in L1.
+    for (index_t ib = 0; ib < Tq; ib += kMaxLanes) {
+        const index_t ie = std::min<index_t>(Tq, ib + kMaxLanes);
+        for (index_t d = 0; d < D; ++d)
+            for (index_t i = ib; i < ie; ++i) {
+                qt_[d * ldt + i] = P.scale * qh[i * P.q.st + d];
+                dot_[d * ldt + i] = doh[i * dO.st + d];
+            }
+    }
     for (index_t d = 0; d < D; ++d)
-        for (index_t i = Tq; i < Tqp; ++i) qt_[d * Tqp + i] = dot_[d * Tqp + i] = T(0);
+        for (index_t i = Tq; i < ldt; ++i) qt_[d * ldt + i] = dot_[d * ldt + i] = T(0);
     for (index_t i = 0; i < Tqp; ++i) {
         const T L = i < Tq ? lse[bh * Tq + i] : inf;
         lb[i] = L == -inf ? inf : L;
@@ -408,13 +432,13 @@ NF_INLINE void backward_task(const AttentionProblem<typename C::T>& P,
                 const index_t nq = std::min<index_t>(kBr, Tq - i0);
                 const index_t W = round_up(nq, C::VL);
                 // Sᵀ = K_j · (s·Qᵀ), masked, then Pᵀ = exp(Sᵀ − L)   (nk × W)
-                block_gemm<C>(nk, W, D, kh + j0 * P.k.st, P.k.st, 1, qt_ + i0, Tqp, st, kBr, false);
+                block_gemm<C>(nk, W, D, kh + j0 * P.k.st, P.k.st, 1, qt_ + i0, ldt, st, kBr, false);
                 if (P.causal && j0 + nk - 1 > i0 + off) causal_mask(st, nk, W, i0, j0, off);
                 if (pad == 1) padding_mask(st, nk, W, km + j0);
                 for (index_t j = 0; j < nk; ++j)
                     for (index_t i = 0; i < W; ++i) st[j * kBr + i] = vexp(st[j * kBr + i] - lb[i0 + i]);
                 // dPᵀ = V_j · dOᵀ                                       (nk × W)
-                block_gemm<C>(nk, W, D, vh + j0 * P.v.st, P.v.st, 1, dot_ + i0, Tqp, dpt, kBr, false);
+                block_gemm<C>(nk, W, D, vh + j0 * P.v.st, P.v.st, 1, dot_ + i0, ldt, dpt, kBr, false);
                 // dV_j += Pᵀ · dO                                        (nk × Dp), p = query
                 block_gemm<C>(nk, Dp, nq, st, kBr, 1, dor + i0 * ldo, ldo, dva, Dp, true);
                 // s·dSᵀ = s · Pᵀ ⊙ (dPᵀ − D)
@@ -488,19 +512,46 @@ BackwardFn<T> backward_for(Isa isa) {
     return backward_generic<T>;
 }
 
-// 64-byte aligned scratch, one per thread.
+// 64-byte aligned scratch, one per thread, kept between calls (OpenMP
+// threads persist) so that repeated calls do not fault in fresh pages;
+// a buffer above kKeepBytes is released at the end of the call.
 template <typename T>
 class Scratch {
 public:
-    explicit Scratch(index_t count)
-        : data_(static_cast<T*>(::operator new(sizeof(T) * static_cast<size_t>(std::max<index_t>(count, 1)),
-                                               std::align_val_t(64)))) {}
-    ~Scratch() { ::operator delete(data_, std::align_val_t(64)); }
+    explicit Scratch(index_t count) {
+        const size_t bytes = sizeof(T) * static_cast<size_t>(std::max<index_t>(count, 1));
+        Slot& s = slot();
+        if (s.bytes < bytes) {
+            release(s);
+            s.data = ::operator new(bytes, std::align_val_t(64));
+            s.bytes = bytes;
+        }
+        data_ = static_cast<T*>(s.data);
+    }
+    ~Scratch() {
+        Slot& s = slot();
+        if (s.bytes > kKeepBytes) release(s);
+    }
     Scratch(const Scratch&) = delete;
     Scratch& operator=(const Scratch&) = delete;
     T* data() { return data_; }
 
 private:
+    static constexpr size_t kKeepBytes = size_t(32) << 20;
+    struct Slot {
+        void* data = nullptr;
+        size_t bytes = 0;
+        ~Slot() { release(*this); }
+    };
+    static void release(Slot& s) {
+        if (s.data != nullptr) ::operator delete(s.data, std::align_val_t(64));
+        s.data = nullptr;
+        s.bytes = 0;
+    }
+    static Slot& slot() {
+        thread_local Slot s;
+        return s;
+    }
     T* data_;
 };
 
