@@ -36,6 +36,7 @@ void require_rows(const py::array& a, const char* fn, const char* name) {
         throw py::value_error(std::string(fn) + ": " + name + " must be 4-D (B, H, T, D), got shape " +
                               shape_str(a));
     }
+    if (a.size() == 0) return;  // nothing is read; NumPy may give empty arrays any strides
     const py::ssize_t item = a.itemsize();
     for (py::ssize_t i = 0; i < 4; ++i) {
         if (a.strides(i) % item != 0) {
