@@ -284,8 +284,10 @@ NF_INLINE void forward_task(const AttentionProblem<typename C::T>& P, index_t bh
         for (index_t i = 0; i < W; ++i) tmax[i] = neg_inf;
         for (index_t j = 0; j < nk; ++j)
             for (index_t i = 0; i < W; ++i) tmax[i] = std::max(tmax[i], st[j * kBr + i]);
+        int rescale = 0;  // does any running max move? (rarely, after the first tiles)
         for (index_t i = 0; i < W; ++i) {
             const T mn = std::max(m[i], tmax[i]);
+            rescale |= mn != m[i];
             ms[i] = mn == neg_inf ? T(0) : mn;
             alpha[i] = vexp(m[i] - ms[i]);  // m = −inf (nothing yet) → 0
             m[i] = mn;
@@ -297,8 +299,8 @@ NF_INLINE void forward_task(const AttentionProblem<typename C::T>& P, index_t bh
                 st[j * kBr + i] = pji;
                 tsum[i] += pji;
             }
-        for (index_t i = 0; i < W; ++i) l[i] = alpha[i] * l[i] + tsum[i];
-        if (!first)
+        for (index_t i = 0; i < W; ++i) l[i] = alpha[i] * l[i] + tsum[i];  // α·l: exact when α = 1
+        if (!first && rescale)  // α = 1 in every lane otherwise
             for (index_t d = 0; d < D; ++d)
                 for (index_t i = 0; i < W; ++i) ot[d * kBr + i] *= alpha[i];
 
