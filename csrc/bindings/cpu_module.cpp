@@ -26,6 +26,9 @@
 #include "cpu/softmax.h"
 
 namespace py = pybind11;
+
+void register_attention(py::module_& m);  // bind_attention.cpp
+
 namespace nc = numformer::cpu;
 using nc::index_t;
 
@@ -331,6 +334,8 @@ with no finite entry (fully masked) gives all zeros; a row containing NaN or
           py::arg("scale") = 1.0,
           "dx = scale * y * (dy - sum(dy * y, axis=-1, keepdims=True)), y = softmax output\n"
           "(the gradient with respect to x of softmax(scale * x + mask)).");
+
+    register_attention(m);
 
     m.def("num_threads", &nc::num_threads,
           "Threads a kernel may use (NUMFORMER_NUM_THREADS, else OpenMP's default).");

@@ -2,7 +2,7 @@
 
 The NumPy functions in :mod:`numformer.ops` are the specification. The
 compiled extension ``numformer._cpu`` implements the same hot operations
-(matmul, softmax forward/backward); this module routes each call to the
+(matmul, softmax forward/backward, flash attention forward/backward); this module routes each call to the
 selected implementation.
 
 Selection, in order of precedence:
@@ -283,3 +283,59 @@ def sgd_step(params, grads, momentum_buffer, decay_mask, *, lr, momentum, nester
     """One SGD update in place (bitwise equal to :class:`numformer.optim.SGD`'s NumPy code)."""
     _load_cpu().sgd_step(params, grads, momentum_buffer, decay_mask, lr=lr, momentum=momentum,
                          nesterov=nesterov, weight_decay=weight_decay)
+    return softmax_op.softmax_backward_reference(dy, y)
+
+
+# --------------------------------------------------------------------------
+# scaled dot-product attention (flash kernel)
+# --------------------------------------------------------------------------
+
+def _attention_rows(x: np.ndarray) -> np.ndarray:
+    """x itself when the kernel can read it through its strides (4-D, last
+    axis contiguous, element-aligned strides), else a C-contiguous copy.
+    Head-split views of a fused qkv projection and KV-cache slices pass as is."""
+    item = x.itemsize
+    if (x.shape[-1] <= 1 or x.strides[-1] == item) and all(s % item == 0 for s in x.strides) \
+            and x.ctypes.data % item == 0:
+        return x
+    return np.ascontiguousarray(x)
+
+
+def _cpu_attention_ok(*arrays) -> bool:
+    if current() != "cpu" or not hasattr(_cpu_module, "attention_forward"):
+        return False
+    dt = arrays[0].dtype
+    return dt in (np.float32, np.float64) and all(
+        isinstance(a, np.ndarray) and a.dtype == dt and a.ndim == 4 for a in arrays) \
+        and arrays[0].shape[-1] >= 1
+
+
+def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True,
+                      key_mask: np.ndarray | None = None):
+    """``softmax(q kᵀ/√D + mask) v`` -> (out (B, H, Tq, D), cache for :func:`attention_backward`).
+
+    On ``cpu`` the cache is ``("flash", q, k, v, out, lse, causal, key_mask)``
+    (no Tq×Tk array); on ``numpy`` it is ``("reference", cache)`` with P inside.
+    """
+    if _cpu_attention_ok(q, k, v):
+        q2, k2, v2 = _attention_rows(q), _attention_rows(k), _attention_rows(v)
+        km = None if key_mask is None else np.ascontiguousarray(key_mask, dtype=bool)
+        out, lse = _cpu_module.attention_forward(q2, k2, v2, causal=causal, key_mask=km)
+        return out, ("flash", q2, k2, v2, out, lse, causal, km)
+    from numformer.ops import attention as attention_op
+
+    out, cache = attention_op.forward_reference(q, k, v, causal, key_mask)
+    return out, ("reference", cache)
+
+
+def attention_backward(dout: np.ndarray, cache):
+    """dout (B, H, Tq, D) -> dq, dk, dv, on the path that produced ``cache``."""
+    if cache[0] == "flash":
+        _, q, k, v, out, lse, causal, km = cache
+        if not _load_cpu():  # pragma: no cover - the cache came from the kernel
+            raise RuntimeError("attention cache was made by numformer._cpu, which is unavailable")
+        return _cpu_module.attention_backward(_attention_rows(dout.astype(q.dtype, copy=False)), q, k, v,
+                                              out, lse, causal=causal, key_mask=km)
+    from numformer.ops import attention as attention_op
+
+    return attention_op.backward_reference(dout, cache[1])

@@ -14,8 +14,15 @@ Masks:
 * key padding: ``key_mask[b, j] = False`` hides key j of batch row b.
 
 A fully masked row produces zeros (see :mod:`numformer.ops.softmax`).
-This NumPy version materializes the T×T matrix; a flash-style compiled
-kernel (online softmax over key tiles) is planned so that it need not.
+
+:func:`forward_reference` / :func:`backward_reference` are the specification:
+plain NumPy that materializes the Tq×Tk matrix P and caches it.
+:func:`forward` / :func:`backward` are what models call; they go through
+:mod:`numformer.backend`, which runs the compiled flash-attention kernel
+(``numformer._cpu``: online softmax over key tiles, nothing Tq×Tk stored;
+the cache is (q, k, v, out, log-sum-exp) and the backward recomputes P
+tile by tile) or the reference. The cache is opaque: ``backward`` takes
+whatever ``forward`` returned, whichever path made it.
 """
 
 from __future__ import annotations
@@ -54,7 +61,27 @@ def build_mask(Tq: int, Tk: int, causal: bool, key_mask: np.ndarray | None):
 
 def forward(q, k, v, causal: bool = True, key_mask: np.ndarray | None = None):
     """q: (B, H, Tq, D), k, v: (B, H, Tk, D), key_mask: (B, Tk) bool or None
-    -> out: (B, H, Tq, D), cache."""
+    -> out: (B, H, Tq, D), cache (opaque; pass it to :func:`backward`).
+
+    ``softmax(q kᵀ/√D + mask) v`` on the selected backend: the compiled
+    flash kernel when available (q, k, v may be strided views, e.g. from
+    :func:`split_heads` or a KV-cache slice), else :func:`forward_reference`.
+    """
+    return backend.attention_forward(q, k, v, causal, key_mask)
+
+
+def backward(dout: np.ndarray, cache):
+    """dout: (B, H, Tq, D) -> dq (B, H, Tq, D), dk, dv (B, H, Tk, D).
+
+    Runs on the path that made ``cache`` (see :func:`backward_reference` for
+    the derivation; the kernel computes the same identities tile by tile).
+    """
+    return backend.attention_backward(dout, cache)
+
+
+def forward_reference(q, k, v, causal: bool = True, key_mask: np.ndarray | None = None):
+    """The specification. q: (B, H, Tq, D), k, v: (B, H, Tk, D), key_mask: (B, Tk) bool or None
+    -> out: (B, H, Tq, D), cache (holds P, (B, H, Tq, Tk))."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     scale = 1.0 / math.sqrt(D)
@@ -70,8 +97,9 @@ def forward(q, k, v, causal: bool = True, key_mask: np.ndarray | None = None):
     return out, (q3, k3, v3, p, scale, q.shape, k.shape)
 
 
-def backward(dout: np.ndarray, cache):
-    """dout: (B, H, Tq, D) -> dq (B, H, Tq, D), dk, dv (B, H, Tk, D).
+def backward_reference(dout: np.ndarray, cache):
+    """dout: (B, H, Tq, D) -> dq (B, H, Tq, D), dk, dv (B, H, Tk, D), for a
+    cache from :func:`forward_reference`.
 
     Differentiating the three forward lines in reverse:
 
@@ -80,6 +108,9 @@ def backward(dout: np.ndarray, cache):
     * ``S = Q Kᵀ / √D``    ⇒  ``dQ = dS K / √D``,  ``dK = dSᵀ Q / √D``
 
     Masked scores are constants (−inf); their P is 0 so dS is 0 there too.
+
+    The flash kernel uses ``rowsum(dP ⊙ P) = rowsum(dO ⊙ O)`` (since
+    ``O = P V``) and recomputes ``P = exp(S − L)`` from the log-sum-exp ``L``.
     """
     q3, k3, v3, p, scale, q_shape, k_shape = cache
     B, H, Tq, D = q_shape

@@ -1,0 +1,636 @@
+// attention.cpp — flash attention forward/backward on the CPU (math in attention.h).
+//
+// Layout choice: queries on the vector lanes.
+// ----------------------------------------------
+// A tile of kBr queries is transposed once into Qᵀ (D × kBr, pre-multiplied by
+// the scale), and score tiles are kept transposed too: Sᵀ (keys × queries).
+// Then every per-query quantity of the softmax (running max, running sum,
+// rescale factor, log-sum-exp) is a vector along the lanes, and the row
+// reductions of the softmax become lane-wise max/add down the rows of Sᵀ —
+// plain vertical SIMD, no horizontal reductions. K and V are never packed:
+// they are only read as broadcast scalars (one K[j][d] or V[j][d] times a
+// vector of queries), straight from the caller's strided memory.
+//
+// Every product is one small GEMM of the same form (block_gemm below):
+//   C[r][c] (+)= Σ_p A[r·ars + p·aps] · B[p·ldb + c]     (c along vectors)
+// computed by a register-tiled micro-kernel (MR rows × NV vectors of
+// accumulators, one broadcast of A times NV vectors of B per step of p).
+//
+// Forward, for one query tile (queries i, lanes) against key tiles j:
+//   Sᵀ   = K_j · (s·Qᵀ)                          (nk × W)   GEMM, p = d
+//   mask: Sᵀ[j][i] = −inf where key j is hidden from query i
+//   online softmax (per query lane i; m = running max, l = running sum):
+//     m' = max(m, max_j Sᵀ[j][i])
+//     Pᵀ[j][i] = exp(Sᵀ[j][i] − m')
+//     α  = exp(m − m')                           (rescales what came before)
+//     l' = α·l + Σ_j Pᵀ[j][i]
+//     Oᵀ[d][i] = α·Oᵀ[d][i] + Σ_j V[j][d]·Pᵀ[j][i]   GEMM, p = j
+//   after the last key tile: O[i][d] = Oᵀ[d][i] / l,  L_i = m + log l.
+// By induction Oᵀ/l = Σ_j exp(S_ij − m) V_j / Σ_j exp(S_ij − m) for all keys
+// seen so far, and m cancels: this is softmax(S) V exactly (in real
+// arithmetic). Causal tiles wholly above the diagonal are never visited;
+// only tiles crossing it are masked element-wise. A query with no visible
+// key keeps m = −inf, l = 0: we use 0 in place of m' inside exp (so no
+// −inf − (−inf) = NaN appears) and write O = 0, L = −inf.
+//
+// Backward (dO given; D_i = Σ_d dO_id O_id = Σ_j P_ij dP_ij):
+//   P_ij  = exp(S_ij − L_i)                      recomputed from the saved L
+//   dV   += Pᵀ dO                 (O = P V)
+//   dP    = dO Vᵀ
+//   dS_ij = P_ij (dP_ij − D_i)    (softmax: dS_ij = P_ij (dP_ij − Σ_k P_ik dP_ik))
+//   dQ   += s · dS K,  dK += s · dSᵀ Q            (S = s · Q Kᵀ)
+// Loop order: key tiles outside (their dK, dV accumulate in a small buffer),
+// query tiles inside (dQ accumulates in a per-head buffer). One task owns
+// one (batch, head) — or, when there are few heads, one interleaved share of
+// its key tiles with a private dQ that is summed afterwards in a fixed order
+// — so no two threads ever write the same memory and the result does not
+// depend on the thread count. For L = −inf (a query that saw nothing) we use
+// L = +inf, so every recomputed P of that query is exactly 0.
+#include "cpu/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <vector>
+
+#include "cpu/vexp.h"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace numformer::cpu {
+namespace {
+
+#ifndef NF_ATTN_BR
+#define NF_ATTN_BR 64
+#endif
+#ifndef NF_ATTN_NV
+#define NF_ATTN_NV 4
+#endif
+constexpr index_t kBr = NF_ATTN_BR;  // queries per tile (vector lanes of Sᵀ, Oᵀ)
+#ifndef NF_ATTN_BC
+#define NF_ATTN_BC 64
+#endif
+constexpr index_t kBc = NF_ATTN_BC;  // keys per tile (rows of Sᵀ)
+constexpr index_t kMaxLanes = 16;  // the widest vector: 16 floats (AVX-512)
+
+index_t ceil_div(index_t a, index_t b) { return (a + b - 1) / b; }
+index_t round_up(index_t a, index_t b) { return ceil_div(a, b) * b; }
+
+// One instruction-set variant: VB-byte vectors, MR×NVMAX accumulator tile.
+template <typename T_, int VB_, int MR_, int NVMAX_>
+struct Cfg {
+    using T = T_;
+    static constexpr int VB = VB_, MR = MR_, NVMAX = NVMAX_;
+    static constexpr int VL = VB / int(sizeof(T));  // lanes per vector
+    static_assert(NVMAX >= 1 && NVMAX <= 4, "micro-kernel dispatch handles 1..4 vectors");
+    static_assert(VL <= kMaxLanes && kBr % VL == 0, "a query tile is whole vectors");
+};
+
+// AVX-512: 32 zmm; 4×4 accumulators + 4 B vectors + a broadcast.
+#ifndef NF_ATTN_MR
+#define NF_ATTN_MR 4
+#endif
+template <typename T> using Avx512Cfg = Cfg<T, 64, NF_ATTN_MR, NF_ATTN_NV>;
+// AVX2+FMA: 16 ymm; 6×2 accumulators + 2 B vectors + a broadcast.
+template <typename T> using Avx2Cfg = Cfg<T, 32, 6, 2>;
+// Baseline (SSE2 / NEON): 16-byte vectors, 4×2 accumulators.
+template <typename T> using GenericCfg = Cfg<T, 16, 4, 2>;
+
+// ---------------------------------------------------------------------------
+// Micro-kernel: C[0:m, 0:NV·VL] (+)= Σ_{p<np} A(r, p) · B[p, :]
+//   A(r, p) = a[min(r, m−1)·ars + p·aps]   (rows past m repeat the last one,
+//             so the loop has no edge case; only m rows are stored)
+//   B[p, :] = b[p·ldb + 0 .. NV·VL)
+// ---------------------------------------------------------------------------
+template <class C, int NV>
+NF_INLINE void micro(index_t np, const typename C::T* NF_RESTRICT a, index_t ars, index_t aps,
+                     index_t m, const typename C::T* NF_RESTRICT b, index_t ldb,
+                     typename C::T* NF_RESTRICT c, index_t ldc, bool accumulate) {
+    using T = typename C::T;
+    constexpr int MR = C::MR, VL = C::VL;
+    index_t ro[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) ro[r] = std::min<index_t>(r, m - 1) * ars;
+#if defined(__GNUC__) || defined(__clang__)
+    typedef T V __attribute__((vector_size(C::VB)));
+    V acc[MR][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+    for (index_t p = 0; p < np; ++p, a += aps, b += ldb) {
+        V bv[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], b + v * VL, sizeof(V));
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+            const T ar = a[ro[r]];
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * ar;  // FMA
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+        if (r >= m) break;
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+            V cv = acc[r][v];
+            if (accumulate) {
+                V old;
+                std::memcpy(&old, c + r * ldc + v * VL, sizeof(V));
+                cv += old;
+            }
+            std::memcpy(c + r * ldc + v * VL, &cv, sizeof(V));
+        }
+    }
+#else
+    T acc[MR][NV * VL] = {};
+    for (index_t p = 0; p < np; ++p, a += aps, b += ldb)
+        for (int r = 0; r < MR; ++r)
+            for (int j = 0; j < NV * VL; ++j) acc[r][j] += a[ro[r]] * b[j];
+    for (index_t r = 0; r < m; ++r)
+        for (int j = 0; j < NV * VL; ++j)
+            c[r * ldc + j] = (accumulate ? c[r * ldc + j] : T(0)) + acc[r][j];
+#endif
+}
+
+// C (M × N) (+)= A (M × np, strides ars/aps) · B (np × N, row stride ldb).
+// N must be a whole number of vectors (callers pad lanes / head dimension).
+template <class C>
+NF_INLINE void block_gemm(index_t M, index_t N, index_t np, const typename C::T* a, index_t ars,
+                          index_t aps, const typename C::T* b, index_t ldb, typename C::T* c,
+                          index_t ldc, bool accumulate) {
+    constexpr index_t NR = index_t(C::VL) * C::NVMAX;
+    if (np == 0) {  // empty sum: C = 0, or unchanged
+        if (!accumulate)
+            for (index_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, typename C::T(0));
+        return;
+    }
+    for (index_t j0 = 0; j0 < N; j0 += NR) {
+        const int nv = int(std::min<index_t>(NR, N - j0) / C::VL);
+        for (index_t i0 = 0; i0 < M; i0 += C::MR) {
+            const index_t m = std::min<index_t>(C::MR, M - i0);
+            const auto* ai = a + i0 * ars;
+            auto* ci = c + i0 * ldc + j0;
+            switch (nv) {
+                case 1: micro<C, 1>(np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate); break;
+                case 2:
+                    if constexpr (C::NVMAX >= 2) micro<C, 2>(np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate);
+                    break;
+                case 3:
+                    if constexpr (C::NVMAX >= 3) micro<C, 3>(np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate);
+                    break;
+                default:
+                    if constexpr (C::NVMAX >= 4) micro<C, 4>(np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate);
+                    break;
+            }
+        }
+    }
+}
+
+// Hide, in the nk × W score tile st (row stride kBr) for queries i0.. and keys
+// j0.., what the masks hide. Returns false when every key of the tile is
+// hidden by the padding mask (the caller then skips the tile).
+template <typename T>
+NF_INLINE void causal_mask(T* st, index_t nk, index_t W, index_t i0, index_t j0, index_t off) {
+    // Query i0+i sees key j0+j iff j0+j ≤ i0+i+off, i.e. i ≥ j0+j−off−i0.
+    const T neg_inf = -std::numeric_limits<T>::infinity();
+    for (index_t j = 0; j < nk; ++j) {
+        const index_t hidden = std::min<index_t>(W, j0 + j - off - i0);  // lanes 0..hidden-1
+        for (index_t i = 0; i < hidden; ++i) st[j * kBr + i] = neg_inf;
+    }
+}
+
+template <typename T>
+NF_INLINE void padding_mask(T* st, index_t nk, index_t W, const std::uint8_t* km) {
+    const T neg_inf = -std::numeric_limits<T>::infinity();
+    for (index_t j = 0; j < nk; ++j)
+        if (!km[j])
+            for (index_t i = 0; i < W; ++i) st[j * kBr + i] = neg_inf;
+}
+
+// Padding-mask summary of keys [j0, j0+nk): 0 = all hidden, 1 = some hidden, 2 = none.
+NF_INLINE int mask_state(const std::uint8_t* km, index_t nk) {
+    if (km == nullptr) return 2;
+    index_t visible = 0;
+    for (index_t j = 0; j < nk; ++j) visible += km[j] != 0;
+    return visible == 0 ? 0 : (visible == nk ? 2 : 1);
+}
+
+// ---------------------------------------------------------------------------
+// Forward: one (batch·head, query tile) task
+// ---------------------------------------------------------------------------
+
+template <typename T>
+index_t forward_workspace(index_t D) {
+    return 2 * D * kBr + kBc * kBr + 6 * kBr;
+}
+
+template <class C>
+NF_INLINE void forward_task(const AttentionProblem<typename C::T>& P, index_t bh, index_t qt,
+                            typename C::T* out, typename C::T* lse, typename C::T* ws) {
+    using T = typename C::T;
+    const T neg_inf = -std::numeric_limits<T>::infinity();
+    const index_t b = bh / P.heads, h = bh % P.heads;
+    const index_t D = P.dim, Tq = P.tq, Tk = P.tk, off = Tk - Tq;
+    const index_t i0 = qt * kBr, nq = std::min<index_t>(kBr, Tq - i0);
+    const index_t W = round_up(nq, C::VL);  // lanes computed (≥ nq)
+
+    T* NF_RESTRICT qt_ = ws;                // D × kBr   s·Qᵀ
+    T* NF_RESTRICT st = qt_ + D * kBr;      // kBc × kBr Sᵀ, then Pᵀ
+    T* NF_RESTRICT ot = st + kBc * kBr;     // D × kBr   Oᵀ (unnormalised)
+    T* NF_RESTRICT m = ot + D * kBr;        // running max per query
+    T* NF_RESTRICT l = m + kBr;             // running sum per query
+    T* NF_RESTRICT ms = l + kBr;            // the max used inside exp (−inf → 0)
+    T* NF_RESTRICT alpha = ms + kBr;        // exp(m_old − m_new)
+    T* NF_RESTRICT tmax = alpha + kBr;      // this tile's max, then its sum
+    T* NF_RESTRICT tsum = tmax + kBr;
+
+    // s·Qᵀ for this tile; lanes nq..W−1 are zero queries (computed, never written).
+    const T* qh = P.q.head(b, h) + i0 * P.q.st;
+    for (index_t ib = 0; ib < nq; ib += kMaxLanes) {
+        const index_t ie = std::min<index_t>(nq, ib + kMaxLanes);
+        for (index_t d = 0; d < D; ++d)
+            for (index_t i = ib; i < ie; ++i) qt_[d * kBr + i] = P.scale * qh[i * P.q.st + d];
+    }
+    for (index_t d = 0; d < D; ++d)
+        for (index_t i = nq; i < W; ++i) qt_[d * kBr + i] = T(0);
+    for (index_t i = 0; i < W; ++i) {
+        m[i] = neg_inf;
+        l[i] = T(0);
+    }
+
+    const T* kh = P.k.head(b, h);
+    const T* vh = P.v.head(b, h);
+    const std::uint8_t* km = P.key_mask != nullptr ? P.key_mask + b * Tk : nullptr;
+    // Keys any query of this tile may see: [0, j_end).
+    const index_t j_end = P.causal ? std::min<index_t>(Tk, i0 + nq + off) : Tk;
+    bool first = true;
+    for (index_t j0 = 0; j0 < j_end; j0 += kBc) {
+        const index_t nk = std::min<index_t>(kBc, j_end - j0);
+        const int pad = mask_state(km != nullptr ? km + j0 : nullptr, nk);
+        if (pad == 0) continue;  // every key hidden: contributes nothing
+
+        // Sᵀ = K_j · (s·Qᵀ)                              (nk × W)
+        block_gemm<C>(nk, W, D, kh + j0 * P.k.st, P.k.st, 1, qt_, kBr, st, kBr, false);
+        if (P.causal && j0 + nk - 1 > i0 + off) causal_mask(st, nk, W, i0, j0, off);
+        if (pad == 1) padding_mask(st, nk, W, km + j0);
+
+        // Online softmax, lane-wise over the queries.
+        for (index_t i = 0; i < W; ++i) tmax[i] = neg_inf;
+        for (index_t j = 0; j < nk; ++j)
+            for (index_t i = 0; i < W; ++i) tmax[i] = std::max(tmax[i], st[j * kBr + i]);
+        int rescale = 0;  // does any running max move? (rarely, after the first tiles)
+        for (index_t i = 0; i < W; ++i) {
+            const T mn = std::max(m[i], tmax[i]);
+            rescale |= mn != m[i];
+            ms[i] = mn == neg_inf ? T(0) : mn;
+            alpha[i] = vexp(m[i] - ms[i]);  // m = −inf (nothing yet) → 0
+            m[i] = mn;
+            tsum[i] = T(0);
+        }
+        for (index_t j = 0; j < nk; ++j)
+            for (index_t i = 0; i < W; ++i) {
+                const T pji = vexp(st[j * kBr + i] - ms[i]);  // hidden: exp(−inf) = 0
+                st[j * kBr + i] = pji;
+                tsum[i] += pji;
+            }
+        for (index_t i = 0; i < W; ++i) l[i] = alpha[i] * l[i] + tsum[i];  // α·l: exact when α = 1
+        if (!first && rescale)  // α = 1 in every lane otherwise
+            for (index_t d = 0; d < D; ++d)
+                for (index_t i = 0; i < W; ++i) ot[d * kBr + i] *= alpha[i];
+
+        // Oᵀ (+)= V_jᵀ · Pᵀ                              (D × W), p = key
+        block_gemm<C>(D, W, nk, vh + j0 * P.v.st, 1, P.v.st, st, kBr, ot, kBr, !first);
+        first = false;
+    }
+
+    // O = Oᵀᵀ / l ; L = m + log l   (no visible key: O = 0, L = −inf)
+    T* oh = out + (bh * Tq + i0) * D;
+    T* lh = lse + bh * Tq + i0;
+    for (index_t i = 0; i < nq; ++i) {
+        const bool seen = !first && l[i] > T(0);
+        const T inv = seen ? T(1) / l[i] : T(0);
+        lh[i] = seen ? m[i] + std::log(l[i]) : neg_inf;
+        for (index_t d = 0; d < D; ++d) oh[i * D + d] = seen ? ot[d * kBr + i] * inv : T(0);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Backward: one (batch·head, share of key tiles) task
+// ---------------------------------------------------------------------------
+
+struct BackwardShape {
+    index_t Tqp, Dp;  // queries padded to whole vectors; head dim padded likewise
+    bool pack_rows;   // D is not whole vectors: copy Q, dO, K rows padded to Dp
+};
+
+template <class C>
+BackwardShape backward_shape(index_t Tq, index_t D) {
+    BackwardShape s;
+    s.Tqp = round_up(Tq, C::VL);
+    s.Dp = round_up(D, C::VL);
+    s.pack_rows = s.Dp != D;
+    return s;
+}
+
+// Upper bound over all variants (lanes ≤ kMaxLanes).
+inline index_t backward_workspace(index_t Tq, index_t Tk, index_t D) {
+    const index_t Tqp = round_up(Tq, kMaxLanes), Dp = round_up(D, kMaxLanes);
+    return 2 * D * (Tqp + kMaxLanes) + 2 * Tqp + (2 * Tqp * Dp + Tk * Dp) + Tqp * Dp + 2 * kBc * kBr +
+           2 * kBc * Dp;
+}
+
+template <class C>
+NF_INLINE void backward_task(const AttentionProblem<typename C::T>& P,
+                             const Tensor4<typename C::T>& O, const Tensor4<typename C::T>& dO,
+                             const typename C::T* lse, index_t bh, index_t share, index_t shares,
+                             typename C::T* dq_out, typename C::T* dk, typename C::T* dv,
+                             typename C::T* ws) {
+    using T = typename C::T;
+    const T inf = std::numeric_limits<T>::infinity();
+    const index_t b = bh / P.heads, h = bh % P.heads;
+    const index_t D = P.dim, Tq = P.tq, Tk = P.tk, off = Tk - Tq;
+    const BackwardShape sh = backward_shape<C>(Tq, D);
+    const index_t Tqp = sh.Tqp, Dp = sh.Dp;
+
+    const T* qh = P.q.head(b, h);
+    const T* kh = P.k.head(b, h);
+    const T* vh = P.v.head(b, h);
+    const T* oh = O.head(b, h);
+    const T* doh = dO.head(b, h);
+    const std::uint8_t* km = P.key_mask != nullptr ? P.key_mask + b * Tk : nullptr;
+
+    // Qᵀ and dOᵀ rows are ldt apart: kMaxLanes more than needed, so that rows
+    // are not a multiple of 4 KiB apart (which would make a B panel of the
+    // micro-kernel, D rows of one cache line, fall into one L1 set).
+    const index_t ldt = Tqp + kMaxLanes;
+    T* NF_RESTRICT qt_ = ws;             // D × ldt   s·Qᵀ
+    T* NF_RESTRICT dot_ = qt_ + D * ldt; // D × ldt   dOᵀ
+    T* NF_RESTRICT lb = dot_ + D * ldt;  // Tqp       L (−inf → +inf; padding +inf)
+    T* NF_RESTRICT dd = lb + Tqp;        // Tqp       D_i = Σ_d dO·O
+    T* NF_RESTRICT dqa = dd + Tqp;       // Tqp × Dp  dQ accumulator
+    T* NF_RESTRICT st = dqa + Tqp * Dp;  // kBc × kBr Sᵀ, then Pᵀ
+    T* NF_RESTRICT dpt = st + kBc * kBr; // kBc × kBr dPᵀ, then s·dSᵀ
+    T* NF_RESTRICT dka = dpt + kBc * kBr;// kBc × Dp
+    T* NF_RESTRICT dva = dka + kBc * Dp; // kBc × Dp
+    T* rows = dva + kBc * Dp;            // packed Q, dO, K rows when D is not whole vectors
+
+    // Transposes in blocks of kMaxLanes queries: each pass writes one short
+    // contiguous run per d and reads kMaxLanes rows that stay in L1.
+    for (index_t ib = 0; ib < Tq; ib += kMaxLanes) {
+        const index_t ie = std::min<index_t>(Tq, ib + kMaxLanes);
+        for (index_t d = 0; d < D; ++d)
+            for (index_t i = ib; i < ie; ++i) {
+                qt_[d * ldt + i] = P.scale * qh[i * P.q.st + d];
+                dot_[d * ldt + i] = doh[i * dO.st + d];
+            }
+    }
+    for (index_t d = 0; d < D; ++d)
+        for (index_t i = Tq; i < ldt; ++i) qt_[d * ldt + i] = dot_[d * ldt + i] = T(0);
+    for (index_t i = 0; i < Tqp; ++i) {
+        const T L = i < Tq ? lse[bh * Tq + i] : inf;
+        lb[i] = L == -inf ? inf : L;
+        T acc = T(0);
+        if (i < Tq)
+            for (index_t d = 0; d < D; ++d) acc += doh[i * dO.st + d] * oh[i * O.st + d];
+        dd[i] = acc;
+    }
+    std::fill(dqa, dqa + Tqp * Dp, T(0));
+
+    // Row-major operands read as vectors along d: Q, dO, K.
+    const T *qr = qh, *dor = doh, *kr = kh;
+    index_t ldq = P.q.st, ldo = dO.st, ldk = P.k.st;
+    if (sh.pack_rows) {
+        T* qp = rows;
+        T* dop = qp + Tqp * Dp;
+        T* kp = dop + Tqp * Dp;
+        std::fill(rows, rows + 2 * Tqp * Dp + Tk * Dp, T(0));
+        for (index_t i = 0; i < Tq; ++i)
+            for (index_t d = 0; d < D; ++d) {
+                qp[i * Dp + d] = qh[i * P.q.st + d];
+                dop[i * Dp + d] = doh[i * dO.st + d];
+            }
+        for (index_t j = 0; j < Tk; ++j)
+            for (index_t d = 0; d < D; ++d) kp[j * Dp + d] = kh[j * P.k.st + d];
+        qr = qp, dor = dop, kr = kp;
+        ldq = ldo = ldk = Dp;
+    }
+
+    const index_t n_ktiles = ceil_div(Tk, kBc);
+    for (index_t kt = share; kt < n_ktiles; kt += shares) {
+        const index_t j0 = kt * kBc, nk = std::min<index_t>(kBc, Tk - j0);
+        std::fill(dka, dka + nk * Dp, T(0));
+        std::fill(dva, dva + nk * Dp, T(0));
+        const int pad = mask_state(km != nullptr ? km + j0 : nullptr, nk);
+        // First query that sees key j0 (causal): i + off ≥ j0.
+        const index_t i_first = P.causal ? std::max<index_t>(0, j0 - off) : 0;
+        if (pad != 0)
+            for (index_t i0 = (i_first / kBr) * kBr; i0 < Tq; i0 += kBr) {
+                const index_t nq = std::min<index_t>(kBr, Tq - i0);
+                const index_t W = round_up(nq, C::VL);
+                // Sᵀ = K_j · (s·Qᵀ), masked, then Pᵀ = exp(Sᵀ − L)   (nk × W)
+                block_gemm<C>(nk, W, D, kh + j0 * P.k.st, P.k.st, 1, qt_ + i0, ldt, st, kBr, false);
+                if (P.causal && j0 + nk - 1 > i0 + off) causal_mask(st, nk, W, i0, j0, off);
+                if (pad == 1) padding_mask(st, nk, W, km + j0);
+                for (index_t j = 0; j < nk; ++j)
+                    for (index_t i = 0; i < W; ++i) st[j * kBr + i] = vexp(st[j * kBr + i] - lb[i0 + i]);
+                // dPᵀ = V_j · dOᵀ                                       (nk × W)
+                block_gemm<C>(nk, W, D, vh + j0 * P.v.st, P.v.st, 1, dot_ + i0, ldt, dpt, kBr, false);
+                // dV_j += Pᵀ · dO                                        (nk × Dp), p = query
+                block_gemm<C>(nk, Dp, nq, st, kBr, 1, dor + i0 * ldo, ldo, dva, Dp, true);
+                // s·dSᵀ = s · Pᵀ ⊙ (dPᵀ − D)
+                for (index_t j = 0; j < nk; ++j)
+                    for (index_t i = 0; i < W; ++i)
+                        dpt[j * kBr + i] = P.scale * (st[j * kBr + i] * (dpt[j * kBr + i] - dd[i0 + i]));
+                // dK_j += s·dSᵀ · Q                                     (nk × Dp), p = query
+                block_gemm<C>(nk, Dp, nq, dpt, kBr, 1, qr + i0 * ldq, ldq, dka, Dp, true);
+                // dQ_i += s·dS · K_j                                    (nq × Dp), p = key
+                block_gemm<C>(nq, Dp, nk, dpt, 1, kBr, kr + j0 * ldk, ldk, dqa + i0 * Dp, Dp, true);
+            }
+        T* dkh = dk + (bh * Tk + j0) * D;
+        T* dvh = dv + (bh * Tk + j0) * D;
+        for (index_t j = 0; j < nk; ++j)
+            for (index_t d = 0; d < D; ++d) {
+                dkh[j * D + d] = dka[j * Dp + d];
+                dvh[j * D + d] = dva[j * Dp + d];
+            }
+    }
+    for (index_t i = 0; i < Tq; ++i)
+        for (index_t d = 0; d < D; ++d) dq_out[i * D + d] = dqa[i * Dp + d];
+}
+
+// ---------------------------------------------------------------------------
+// Instruction-set variants
+// ---------------------------------------------------------------------------
+
+template <typename T>
+using ForwardFn = void (*)(const AttentionProblem<T>&, index_t, index_t, T*, T*, T*);
+template <typename T>
+using BackwardFn = void (*)(const AttentionProblem<T>&, const Tensor4<T>&, const Tensor4<T>&,
+                            const T*, index_t, index_t, index_t, T*, T*, T*, T*);
+
+#define NF_ATTN_VARIANT(NAME, TARGET, CFG)                                                        \
+    template <typename T>                                                                         \
+    TARGET void forward_##NAME(const AttentionProblem<T>& p, index_t bh, index_t qt, T* out,      \
+                               T* lse, T* ws) {                                                   \
+        forward_task<CFG<T>>(p, bh, qt, out, lse, ws);                                            \
+    }                                                                                             \
+    template <typename T>                                                                         \
+    TARGET void backward_##NAME(const AttentionProblem<T>& p, const Tensor4<T>& o,               \
+                                const Tensor4<T>& dout, const T* lse, index_t bh, index_t share, \
+                                index_t shares, T* dq, T* dk, T* dv, T* ws) {                     \
+        backward_task<CFG<T>>(p, o, dout, lse, bh, share, shares, dq, dk, dv, ws);                \
+    }
+
+NF_ATTN_VARIANT(generic, , GenericCfg)
+#if NUMFORMER_X86_DISPATCH
+NF_ATTN_VARIANT(avx2, NF_TARGET("avx2,fma"), Avx2Cfg)
+NF_ATTN_VARIANT(avx512, NF_TARGET("avx512f,avx2,fma"), Avx512Cfg)
+#endif
+#undef NF_ATTN_VARIANT
+
+template <typename T>
+ForwardFn<T> forward_for(Isa isa) {
+#if NUMFORMER_X86_DISPATCH
+    if (isa == Isa::avx512) return forward_avx512<T>;
+    if (isa == Isa::avx2) return forward_avx2<T>;
+#endif
+    (void)isa;
+    return forward_generic<T>;
+}
+
+template <typename T>
+BackwardFn<T> backward_for(Isa isa) {
+#if NUMFORMER_X86_DISPATCH
+    if (isa == Isa::avx512) return backward_avx512<T>;
+    if (isa == Isa::avx2) return backward_avx2<T>;
+#endif
+    (void)isa;
+    return backward_generic<T>;
+}
+
+// 64-byte aligned scratch, one per thread, kept between calls (OpenMP
+// threads persist) so that repeated calls do not fault in fresh pages;
+// a buffer above kKeepBytes is released at the end of the call.
+template <typename T>
+class Scratch {
+public:
+    explicit Scratch(index_t count) {
+        const size_t bytes = sizeof(T) * static_cast<size_t>(std::max<index_t>(count, 1));
+        Slot& s = slot();
+        if (s.bytes < bytes) {
+            release(s);
+            s.data = ::operator new(bytes, std::align_val_t(64));
+            s.bytes = bytes;
+        }
+        data_ = static_cast<T*>(s.data);
+    }
+    ~Scratch() {
+        Slot& s = slot();
+        if (s.bytes > kKeepBytes) release(s);
+    }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    T* data() { return data_; }
+
+private:
+    static constexpr size_t kKeepBytes = size_t(32) << 20;
+    struct Slot {
+        void* data = nullptr;
+        size_t bytes = 0;
+        ~Slot() { release(*this); }
+    };
+    static void release(Slot& s) {
+        if (s.data != nullptr) ::operator delete(s.data, std::align_val_t(64));
+        s.data = nullptr;
+        s.bytes = 0;
+    }
+    static Slot& slot() {
+        thread_local Slot s;
+        return s;
+    }
+    T* data_;
+};
+
+// Threads for `tasks` tasks of about `flops_per_task` each: one thread when
+// the whole call is tiny (thread start-up would dominate).
+int threads_for(index_t tasks, double flops) {
+    if (tasks <= 1 || flops < 2e6) return 1;
+    return int(std::min<index_t>(num_threads(), tasks));
+}
+
+}  // namespace
+
+template <typename T>
+void attention_forward(const AttentionProblem<T>& p, T* out, T* lse) {
+    const index_t bh_count = p.batch * p.heads;
+    if (bh_count == 0 || p.tq == 0) return;
+    const ForwardFn<T> fn = forward_for<T>(active_isa());
+    const index_t n_qtiles = ceil_div(p.tq, kBr);
+    const index_t tasks = bh_count * n_qtiles;
+    const int threads = threads_for(tasks, 4.0 * double(bh_count) * double(p.tq) * double(p.tk) * double(p.dim));
+    const index_t ws_size = forward_workspace<T>(p.dim);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        Scratch<T> ws(ws_size);
+        // Heaviest first (the last query tiles see the most keys when causal).
+#pragma omp for schedule(dynamic, 1)
+        for (index_t t = 0; t < tasks; ++t) {
+            const index_t qt = n_qtiles - 1 - t / bh_count;
+            fn(p, t % bh_count, qt, out, lse, ws.data());
+        }
+    }
+}
+
+template <typename T>
+void attention_backward(const AttentionProblem<T>& p, const Tensor4<T>& o, const Tensor4<T>& dout,
+                        const T* lse, T* dq, T* dk, T* dv) {
+    const index_t bh_count = p.batch * p.heads;
+    if (bh_count == 0) return;
+    const BackwardFn<T> fn = backward_for<T>(active_isa());
+    // Few heads: split each head's key tiles into `shares` interleaved parts
+    // with private dQ buffers. Chosen from the shape only, so the summation
+    // order (and the result) does not depend on the thread count.
+    const index_t n_ktiles = ceil_div(p.tk, kBc);
+    const index_t shares = std::max<index_t>(1, std::min<index_t>(n_ktiles, ceil_div(16, bh_count)));
+    const index_t tasks = bh_count * shares;
+    const index_t head_q = p.tq * p.dim;
+    std::vector<T> partial(shares > 1 ? static_cast<size_t>(tasks * head_q) : 0);
+    const int threads = threads_for(tasks, 10.0 * double(bh_count) * double(p.tq) * double(p.tk) * double(p.dim));
+    const index_t ws_size = backward_workspace(p.tq, p.tk, p.dim);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        Scratch<T> ws(ws_size);
+#pragma omp for schedule(dynamic, 1)
+        for (index_t t = 0; t < tasks; ++t) {
+            const index_t bh = t / shares, s = t % shares;
+            T* dq_dst = shares > 1 ? partial.data() + t * head_q : dq + bh * head_q;
+            fn(p, o, dout, lse, bh, s, shares, dq_dst, dk, dv, ws.data());
+        }
+        if (shares > 1) {
+#pragma omp for schedule(static)
+            for (index_t bh = 0; bh < bh_count; ++bh) {
+                T* dst = dq + bh * head_q;
+                const T* src = partial.data() + bh * shares * head_q;
+                std::copy(src, src + head_q, dst);
+                for (index_t s = 1; s < shares; ++s)
+                    for (index_t x = 0; x < head_q; ++x) dst[x] += src[s * head_q + x];
+            }
+        }
+    }
+}
+
+template void attention_forward<float>(const AttentionProblem<float>&, float*, float*);
+template void attention_forward<double>(const AttentionProblem<double>&, double*, double*);
+template void attention_backward<float>(const AttentionProblem<float>&, const Tensor4<float>&,
+                                        const Tensor4<float>&, const float*, float*, float*, float*);
+template void attention_backward<double>(const AttentionProblem<double>&, const Tensor4<double>&,
+                                         const Tensor4<double>&, const double*, double*, double*,
+                                         double*);
+
+}  // namespace numformer::cpu
