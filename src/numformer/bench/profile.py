@@ -38,6 +38,7 @@ BACKEND_PATTERNS = (
     ("attention", "attention"), ("softmax", "softmax"), ("matmul", "matmul"), ("gemm", "matmul"),
     ("layernorm", "layernorm"), ("layer_norm", "layernorm"), ("gelu", "gelu"),
     ("cross_entropy", "cross-entropy"), ("embedding", "embedding"), ("adam", "optimizer"),
+    ("sgd", "optimizer"),
 )
 
 ORDER = ("matmul", "attention", "softmax", "layernorm", "gelu", "cross-entropy", "embedding",

@@ -212,7 +212,7 @@ def markdown_document(rows: list[Row], meta: dict, breakdown: dict | None = None
 # ----------------------------------------------------------------------------- PNG
 
 
-def write_chart(path: str, rows: list[Row]) -> str | None:
+def write_chart(path: str, rows: list[Row], title: str | None = None) -> str | None:
     """Horizontal bars of our speedup over NumPy and PyTorch per row (log scale).
 
     Returns the path, or None when matplotlib is not installed.
@@ -238,6 +238,15 @@ def write_chart(path: str, rows: list[Row]) -> str | None:
                 label=f"ours vs {IMPL_TITLES[impl]}", color=color)
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    finite = [v for r in shown for v in r.speedup.values() if v and v > 0]
+    lo, hi = min(finite + [1.0]), max(finite + [1.0])
+    ticks = [2.0 ** k for k in range(math.floor(math.log2(lo)), math.ceil(math.log2(hi)) + 1)]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_title(title or "numformer bench: speedup of ours (medians, same run)", fontsize=10)
     ax.set_yticks(list(ys), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("speedup of numformer._cpu (× faster; > 1 is better)")
