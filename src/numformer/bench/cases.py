@@ -60,7 +60,9 @@ class Case:
 
 @dataclass
 class Sizes:
-    """Every size the suite uses; ``full``, ``quick`` and ``tiny`` (for tests) presets."""
+    """Every size the suite uses; presets: ``default`` (< 10 min on 2 cores), ``full``
+    (default + the LM head's backward forms and the NumPy-backend model rows),
+    ``quick`` (~1 min) and ``tiny`` (for tests)."""
 
     gemm_m: tuple = (2048, 4096)
     gemm_kn: tuple = (("qkv", 768, 2304), ("attn proj", 768, 768), ("mlp up", 768, 3072),
@@ -68,7 +70,7 @@ class Sizes:
     gemm_backward_m: tuple = (4096,)          # the dX / dW forms are measured at these M
     gemm_backward_kn: tuple | None = None     # None: all of gemm_kn
     lm_head: tuple | None = (4096, 768, 50257)  # (B·T, C, V)
-    lm_head_backward: bool = True
+    lm_head_backward: bool = False            # its dX and dW forms too (--full: ~100 s more)
     gemm_1thread: int | None = 1024
     softmax_shapes: tuple = ((196608, 256), (98304, 512), (49152, 1024), (4096, 50257))
     attn_bhd: tuple = (4, 12, 64)
@@ -76,10 +78,11 @@ class Sizes:
     gpt2: dict = field(default_factory=dict)  # GPT2Config overrides ({} = GPT-2 124M)
     train: bool = True                        # the training-step row (and its breakdown)
     train_bt: tuple = (4, 256)
-    train_numpy: bool = True                  # also time the training step on the NumPy backend
+    train_numpy: bool = False                 # also time the training step on the NumPy backend (--full)
     gen_prompt: int = 16
     gen_new: int = 128
     gen_batches: tuple = (1,)
+    gen_numpy: bool = False                   # also time generation on the NumPy backend (--full)
     model_runs: int = 2                       # timed steps / generations after the warm-up
     budget: float = 1.5                       # seconds of timed rounds per kernel case
     fma_seconds: float = 0.3
@@ -87,20 +90,25 @@ class Sizes:
     sgemm_n: int = 2048
 
     @classmethod
-    def full(cls) -> "Sizes":
+    def default(cls) -> "Sizes":
         return cls()
+
+    @classmethod
+    def full(cls) -> "Sizes":
+        return cls(lm_head_backward=True, train_numpy=True, gen_numpy=True)
 
     @classmethod
     def quick(cls) -> "Sizes":
         return cls(gemm_m=(4096,), gemm_kn=(("qkv", 768, 2304), ("mlp down", 3072, 768)),
                    gemm_backward_kn=(("mlp up", 768, 3072),), lm_head=None,
                    softmax_shapes=((49152, 1024), (4096, 50257)), attn_t=(1024,),
-                   train=False, train_numpy=False, gen_new=32, model_runs=1, budget=0.6, fma_seconds=0.15,
+                   train=False, gen_new=32, model_runs=1, budget=0.6, fma_seconds=0.15,
                    copy_bytes=128 << 20)
 
     @classmethod
     def tiny(cls) -> "Sizes":
         return cls(gemm_m=(64,), gemm_kn=(("qkv", 32, 96), ("mlp down", 128, 32)), gemm_backward_m=(64,),
+                   lm_head_backward=True, train_numpy=True, gen_numpy=True,
                    gemm_backward_kn=(("qkv", 32, 96),), lm_head=(64, 32, 500),
                    gemm_1thread=64, softmax_shapes=((64, 32), (8, 500)), attn_bhd=(1, 2, 16), attn_t=(16,),
                    gpt2=dict(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=2),

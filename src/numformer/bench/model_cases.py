@@ -186,8 +186,9 @@ def generate_case(sizes: Sizes, batch: int = 1, use_torch: bool = True) -> Case:
         if cpu_module() is not None:
             impls["ours"] = _ours(lambda: _greedy(model, prompts, N))
             first["ours"] = _ours(lambda: _greedy(model, prompts, 1))
-        impls["numpy"] = _numpy(lambda: _greedy(model, prompts, N))
-        first["numpy"] = _numpy(lambda: _greedy(model, prompts, 1))
+        if sizes.gen_numpy:
+            impls["numpy"] = _numpy(lambda: _greedy(model, prompts, N))
+            first["numpy"] = _numpy(lambda: _greedy(model, prompts, 1))
         if use_torch and transformers_module() is not None:
             import torch
 

@@ -1,7 +1,8 @@
 """``numformer bench``: measure the machine, run every case, write the results.
 
-    numformer bench                      # everything (< 10 min on 2 cores)
+    numformer bench                      # the suite (< 10 min on 2 cores)
     numformer bench --quick              # a ~1-minute subset
+    numformer bench --full               # + LM-head backward GEMMs, GPT-2 on the NumPy backend
     numformer bench --filter softmax --filter "LM head" --threads 1 --json out.json
 
 Progress goes to stderr; the Markdown table goes to stdout and, with the
@@ -30,7 +31,11 @@ EXTRA_HINT = 'pip install "numformer[bench]"  (torch==2.13.0, transformers, matp
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a ~1-minute subset of the cases")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a ~1-minute subset of the cases")
+    size.add_argument("--full", action="store_true",
+                      help="also the LM head's backward GEMM forms and the GPT-2 rows on the NumPy "
+                           "backend (a few minutes more)")
     p.add_argument("--json", metavar="PATH", help="also save the rows (and machine, breakdown) as JSON here")
     p.add_argument("--out", metavar="DIR", default="bench-results",
                    help="folder for bench.md, bench.json and bench.png (default: %(default)s)")
@@ -72,7 +77,8 @@ def run(args) -> int:
     from numformer.cli import UserError
 
     started = time.perf_counter()
-    sizes = Sizes.tiny() if args.tiny else Sizes.quick() if args.quick else Sizes.full()
+    set_name = "tiny" if args.tiny else "quick" if args.quick else "full" if args.full else "default"
+    sizes = getattr(Sizes, set_name)()
     threads = args.threads if args.threads is not None else default_threads()
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
@@ -94,7 +100,7 @@ def run(args) -> int:
     with limit_threads(threads, use_torch=use_torch):
         machine = describe()
         _log(f"numformer bench: {len(cases)} case(s), {threads} thread(s), "
-             f"{'quick' if args.quick else 'tiny' if args.tiny else 'full'} set; measuring the machine ...")
+             f"{set_name} set; measuring the machine ...")
         peaks = measure_peaks(threads, fma_seconds=sizes.fma_seconds, copy_bytes=sizes.copy_bytes,
                               sgemm_n=sizes.sgemm_n)
         _log("  FMA peak " + ", ".join(f"{v:.0f} GFLOP/s ({t}t)" for t, v in peaks["fma_gflops"].items())
@@ -110,7 +116,7 @@ def run(args) -> int:
             gc.collect()
     elapsed = time.perf_counter() - started
     meta = {"started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "duration_s": round(elapsed, 1), "set": "quick" if args.quick else "tiny" if args.tiny else "full",
+            "duration_s": round(elapsed, 1), "set": set_name,
             "threads": threads, "filter": args.filter, "machine": machine, "peaks": peaks,
             "notes": notes + _method_notes(peaks)}
     _write_outputs(args, rows, meta, breakdown)
