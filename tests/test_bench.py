@@ -135,6 +135,10 @@ def test_row_schema_rates_and_speedups():
     assert d["rate"]["ours"] == pytest.approx(flops / 0.05 / 1e9)  # GFLOP/s
     assert d["peak_fraction"] == pytest.approx(flops / 0.05 / 1e9 / 400.0)
     assert d["min_seconds"]["numpy"] == 0.09
+    assert d["extra"]["spread"]["ours"] == pytest.approx(1.25) and "noisy" not in d["notes"]
+    noisy = report.Row("softmax", "", [8, 4], "fwd", "float32", 1, "GB/s", 256.0)
+    noisy.finish({"ours": Stats(3.0, 1.0, 5)})
+    assert "noisy: median/min up to 3.0×" in noisy.notes
     assert "gemm qkv A·B 4096×768×2304" == row.name
     json.dumps(d)                                                  # serializable as is
 

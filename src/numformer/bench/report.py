@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 SCHEMA_VERSION = 1
 IMPL_ORDER = ("ours", "numpy", "torch")
 IMPL_TITLES = {"ours": "ours", "numpy": "NumPy", "torch": "PyTorch"}
+NOISY = 1.5            # a row whose median is this much above its minimum is flagged in the notes
 UNIT_SCALE = {"GFLOP/s": 1e9, "GB/s": 1e9, "tokens/s": 1.0}   # rate = work / seconds / scale
 
 
@@ -66,6 +67,13 @@ class Row:
         for impl, t in self.seconds.items():
             if impl != "ours" and ours:
                 self.speedup[impl] = t / ours
+        spread = {k: s.median / s.min for k, s in stats.items() if s.min > 0}
+        if spread:
+            self.extra["spread"] = spread                   # median / min per implementation
+            worst = max(spread.values())
+            if worst > NOISY:
+                flag = f"noisy: median/min up to {worst:.1f}×"
+                self.notes = f"{self.notes}; {flag}" if self.notes else flag
         self.peak, self.peak_kind = peak, peak_kind
         if peak and self.rate.get("ours"):
             self.peak_fraction = self.rate["ours"] / peak
