@@ -284,3 +284,28 @@ def test_bench_command_list_and_bad_filter(capsys):
     assert listed and all("attention" in line for line in listed)
     assert main(["bench", "--tiny", "--no-torch", "--filter", "no-such-op"]) == 2
     assert "no benchmark matches" in capsys.readouterr().err
+
+
+def test_measure_peaks_uses_the_extension_when_it_can(monkeypatch):
+    from numformer.bench import machine
+
+    class FakeCpu:
+        def measure_fma_peak(self, seconds, threads):
+            return 100.0 * threads
+
+        def measure_copy_bandwidth(self, nbytes, threads):
+            return 20.0 + threads
+
+    monkeypatch.setattr(machine, "cpu_module", lambda: FakeCpu())
+    peaks = machine.measure_peaks(2)
+    assert peaks["fma_gflops"] == {"1": 100.0, "2": 200.0}
+    assert peaks["copy_gbs"] == {"1": 21.0, "2": 22.0}
+    assert "measure_fma_peak" in peaks["fma_method"]
+    assert machine.peak_for(peaks, "fma", 2) == 200.0 and machine.peak_for(peaks, "bandwidth", 1) == 21.0
+
+
+def test_chart_is_skipped_without_matplotlib(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # import fails
+    assert report.write_chart(str(tmp_path / "c.png"), [_row()]) is None
