@@ -3,6 +3,7 @@
     numformer train [--config FILE] [--data FILE] [--out DIR] [--resume DIR] [--n-layer N ...]
     numformer sample --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     numformer gradcheck
+    numformer bench [--quick] [--filter TEXT] [--threads N] [--json PATH] [--out DIR]
     numformer tokenizer train [--data FILE] --vocab-size N --out FILE
 
 User mistakes (bad flags, unreadable data, broken checkpoints) print one
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(metavar="COMMAND")
     _add_train(sub)
     _add_sample(sub)
+    _add_bench(sub)
     p = sub.add_parser("gradcheck", help="finite-difference checks of every backward pass (float64)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_gradcheck)
@@ -213,6 +215,17 @@ def run_sample(args) -> int:
                 sys.stdout.flush()
         sys.stdout.write("\n" if args.num_samples == 1 else "\n\n")
     return 0
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def _add_bench(sub) -> None:
+    from numformer.bench.runner import add_arguments, run
+
+    p = sub.add_parser("bench", help="benchmark the kernels and GPT-2 against NumPy and PyTorch")
+    add_arguments(p)
+    p.set_defaults(run=run)
 
 
 # ----------------------------------------------------------------------------- other commands
