@@ -26,6 +26,8 @@
 
 namespace py = pybind11;
 namespace nc = numformer::cpu;
+
+void register_bpe(py::module_& m);  // bind_bpe.cpp: the GPT-2 tokenizer's merge loop
 using nc::index_t;
 
 namespace {
@@ -279,6 +281,7 @@ that is entirely -inf gives all zeros; a row containing NaN or +inf gives NaN.)d
     m.def("build_info", &nc::build_info,
           "Compiler, OpenMP, SIMD and thread settings of this build, as one line.");
     m.attr("__build_info__") = nc::build_info();
+    register_bpe(m);
 
     const std::string warnings = nc::env_warnings();
     if (!warnings.empty()) {
