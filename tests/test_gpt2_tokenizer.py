@@ -318,3 +318,14 @@ def test_tokenizer_json(tmp_path, hf_tok):
     bad_json.write_text('{"model": {"type": "WordPiece", "vocab": {}}}')
     with pytest.raises(ValueError, match=r"tokenizer\.json.*'WordPiece' is not byte-level BPE"):
         numformer.load_tokenizer(bad_json)
+
+
+def test_real_gpt2_rank_file_exports_to_equivalent_hf_files(tmp_path, real_gpt2):
+    """Rank file -> vocab.json + merges.txt (derived merges) -> same ids under the pair rule."""
+    real_gpt2.save_pretrained(str(tmp_path))
+    hf = numformer.load_tokenizer(tmp_path)
+    assert hf.merges is not None and len(hf.merges) == 50000
+    from pydoc_data.topics import topics
+    text = "\n".join(list(topics.values())[:40]) + " ünïcode 日本語 🙂 <|endoftext|>"
+    assert hf.encode(text) == real_gpt2.encode(text)
+    assert hf.encode(text, allowed_special=True) == real_gpt2.encode(text, allowed_special=True)

@@ -47,6 +47,7 @@ import binascii
 import heapq
 import json
 import os
+import re
 from typing import Any, Iterable
 
 from .base import EOT_TOKEN, Tokenizer, as_id_list, fail
@@ -58,6 +59,9 @@ except ImportError:  # pragma: no cover - regex is a dependency
 
 #: GPT-2's pre-tokenization pattern (the same string tiktoken's "gpt2" encoding uses).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# Tokens of vocab.json that are special tokens, not BPE pieces (GPT-2 keeps <|endoftext|> there).
+_SPECIAL = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 
 # Chunks longer than this use the O(n log n) heap merge instead of the O(n²) scan.
 LONG_PIECE = 128
@@ -143,12 +147,16 @@ def _load_core():
 # ----------------------------------------------------------------------------- merge loop (Python)
 
 
-def bpe_scan(piece: bytes, byte_ids: list[int], pairs: dict) -> list[int]:
+def bpe_scan(piece: bytes, byte_ids: list[int], pairs: dict, limit: int | None = None) -> list[int]:
     """Merge one chunk: repeatedly merge the adjacent pair of lowest priority
     (leftmost on ties). O(n²) in the chunk length, fast for short chunks.
 
-    ``pairs``: (left id, right id) -> (priority, merged id).
+    ``pairs``: (left id, right id) -> (priority, merged id). With ``limit``,
+    only merges of priority < limit are used.
     """
+    if limit is not None:
+        full = pairs
+        pairs = _Limited(full, limit)
     ids = [byte_ids[b] for b in piece]
     # prio[i]: priority of merging ids[i] with ids[i + 1] (None: not a pair)
     prio = [pairs.get((a, b)) for a, b in zip(ids, ids[1:])]
@@ -165,6 +173,17 @@ def bpe_scan(piece: bytes, byte_ids: list[int], pairs: dict) -> list[int]:
             prio[at] = pairs.get((ids[at], ids[at + 1]))
         if at > 0:
             prio[at - 1] = pairs.get((ids[at - 1], ids[at]))
+
+
+class _Limited:
+    """A view of a pair table without the merges of priority >= limit."""
+
+    def __init__(self, pairs: dict, limit: int):
+        self.pairs, self.limit = pairs, limit
+
+    def get(self, key):
+        r = self.pairs.get(key)
+        return r if r is not None and r[0] < self.limit else None
 
 
 def bpe_heap(piece: bytes, byte_ids: list[int], pairs: dict) -> list[int]:
@@ -462,7 +481,7 @@ class GPT2Tokenizer(Tokenizer):
         for tok, r in sorted(self.ranks.items(), key=lambda kv: kv[1]):
             if len(tok) < 2:
                 continue
-            ids = bpe_scan(tok, self._byte_ids, {k: v for k, v in self._pairs.items() if v[0] < r})
+            ids = bpe_scan(tok, self._byte_ids, self._pairs, limit=r)
             if len(ids) != 2:
                 raise ValueError(f"{self.source}: token {tok!r} (rank {r}) cannot be built from two earlier tokens")
             out.append((self._decoder[ids[0]], self._decoder[ids[1]]))
@@ -574,7 +593,7 @@ def _vocab_to_ranks(vocab: dict, path: str, raw: str | None) -> tuple[dict[bytes
         if i in seen:
             raise fail(path, f"{where(token)}tokens {seen[i]!r} and {token!r} have the same id {i}")
         seen[i] = token
-        if token == EOT_TOKEN or (token.startswith("<|") and token.endswith("|>")):
+        if _SPECIAL.fullmatch(token):         # <|endoftext|> and the like
             special[token] = i                      # GPT-2 keeps <|endoftext|> in vocab.json
             continue
         t = _token_from_alphabet(token)
