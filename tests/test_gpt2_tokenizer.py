@@ -295,6 +295,7 @@ def test_bad_vocab_and_merges(tmp_path):
         (vocab[:-1] + b', "zz": 3}', merges, r"vocab\.json.*tokens .* have the same id 3"),
         (vocab[:-1] + ', "\u2603": 900}'.encode(), merges, r"vocab\.json.*contains '\u2603' \(U\+2603\), which is not in"),
         (vocab[:-1] + b', "xyzzy": 1.5}', merges, r"vocab\.json.*not a non-negative integer"),
+        (vocab[:-1] + b', "xyzzy": 1000000000000}', merges, r"vocab\.json.*largest id is 1000000000000 for only"),
         (b'{"a": 0,\n "a": 1}', merges, r"vocab\.json.*line 2: key 'a' appears twice"),
         (b'{"a": 0,\n "b" 1}', merges, r"vocab\.json.*line 2: not valid JSON"),
     ]
@@ -329,3 +330,39 @@ def test_real_gpt2_rank_file_exports_to_equivalent_hf_files(tmp_path, real_gpt2)
     text = "\n".join(list(topics.values())[:40]) + " ünïcode 日本語 🙂 <|endoftext|>"
     assert hf.encode(text) == real_gpt2.encode(text)
     assert hf.encode(text, allowed_special=True) == real_gpt2.encode(text, allowed_special=True)
+
+
+# ----------------------------------------------------------------------------- fuzzing the readers
+
+_VOCAB = open(os.path.join(FIXTURE, "vocab.json"), "rb").read()
+_MERGES = open(os.path.join(FIXTURE, "merges.txt"), "rb").read()
+_RANKS = b"".join(base64.b64encode(bytes([b])) + b" %d\n" % b for b in range(256))
+
+
+def _mutate(data: bytes, at: int, cut: int, insert: bytes) -> bytes:
+    at = at % (len(data) + 1)
+    return data[:at] + insert + data[at + cut:]
+
+
+@given(which=st.sampled_from(["vocab.json", "merges.txt", "rank"]), at=st.integers(0, 10 ** 6),
+       cut=st.integers(0, 40), insert=st.binary(max_size=40))
+def test_corrupted_files_load_or_raise_value_error(which, at, cut, insert):
+    """Random edits of a valid file: either it still loads, or a ValueError names the file."""
+    with tempfile.TemporaryDirectory() as d:
+        if which == "rank":
+            path = os.path.join(d, "r.tiktoken")
+            with open(path, "wb") as f:
+                f.write(_mutate(_RANKS, at, cut, insert))
+        else:
+            path = d
+            files = {"vocab.json": _VOCAB, "merges.txt": _MERGES}
+            files[which] = _mutate(files[which], at, cut, insert)
+            for name, data in files.items():
+                with open(os.path.join(d, name), "wb") as f:
+                    f.write(data)
+        try:
+            tok = numformer.load_tokenizer(path)
+        except ValueError as e:
+            assert d in str(e)
+        else:
+            assert tok.decode(tok.encode("still works")) == "still works"

@@ -330,3 +330,26 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     bad.write_text("!!!! 0\n")
     assert main(["tokenize", "--tokenizer", str(bad), "x"]) == 2
     assert "line 1" in capsys.readouterr().err
+
+
+def test_tied_check_reads_lm_head_in_blocks(tmp_path, monkeypatch, model):
+    """The tie check compares block by block (small blocks here) and finds a difference in the last row."""
+    folder = copy_fixture(tmp_path)
+
+    def last_row_differs(t):
+        head = t["transformer.wte.weight"].copy()
+        head[-1, -1] += 1.0
+        return {**t, "lm_head.weight": head}
+    rewrite_weights(folder, last_row_differs)
+    monkeypatch.setattr(pretrained, "_TIE_BLOCK_BYTES", 64 * 4 * 100)          # 100 rows per block
+    monkeypatch.setattr(pretrained, "_read_tensor", _counting(pretrained._read_tensor, calls := []))
+    with pytest.raises(PretrainedError, match=r"lm_head\.weight' differs from wte\.weight \(max \|diff\| 1\)"):
+        numformer.from_pretrained(folder)
+    assert calls == [[100, 64]] * 5
+
+
+def _counting(fn, calls):
+    def wrapper(*a, **k):
+        calls.append(a[3]["shape"])
+        return fn(*a, **k)
+    return wrapper

@@ -277,16 +277,31 @@ def load_gpt2(path: str | os.PathLike, dtype=np.float32) -> GPT2:
     return model
 
 
+_TIE_BLOCK_BYTES = 4 << 20
+
+
 def _check_tied(model: GPT2, file: str, fname: str, entry: dict, data_start: int) -> None:
     """lm_head.weight must equal wte (GPT-2 ties them); compared in blocks of rows."""
     wte = model.params["wte.weight"]
     if tuple(entry["shape"]) != wte.shape:
         raise PretrainedError(f"{file}: tensor {fname!r} has shape {tuple(entry['shape'])}, "
                               f"wte.weight is {wte.shape}; numformer's GPT-2 ties the output head to wte")
+    V, C = wte.shape
+    itemsize = safetensors.DTYPES[entry["dtype"]].itemsize
+    rows = max(1, _TIE_BLOCK_BYTES // max(1, C * itemsize))   # a few MB at a time, not a second wte
+    differs, diff = False, 0.0
     with open(file, "rb") as f:
-        head = _read_tensor(f, file, fname, entry, data_start)
-    if not np.array_equal(head.astype(model.dtype, copy=False), wte):
-        diff = float(np.max(np.abs(head.astype(np.float64) - wte.astype(np.float64))))
+        for r0 in range(0, V, rows):
+            r1 = min(V, r0 + rows)
+            begin = entry["data_offsets"][0] + r0 * C * itemsize
+            block = {"dtype": entry["dtype"], "shape": [r1 - r0, C],
+                     "data_offsets": [begin, begin + (r1 - r0) * C * itemsize]}
+            head = _read_tensor(f, file, fname, block, data_start)
+            ref = wte[r0:r1]
+            if not np.array_equal(head.astype(model.dtype, copy=False), ref, equal_nan=True):
+                differs = True
+                diff = max(diff, float(np.max(np.abs(head.astype(np.float64) - ref.astype(np.float64)))))
+    if differs:
         raise PretrainedError(f"{file}: {fname!r} differs from wte.weight (max |diff| {diff:.3g}); numformer's "
                               f"GPT-2 ties the output head to the input embedding and cannot load an untied head")
 

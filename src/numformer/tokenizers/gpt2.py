@@ -275,6 +275,9 @@ class GPT2Tokenizer(Tokenizer):
                                f"{', '.join(f'0x{b:02x}' for b in missing[:8])}; byte-level BPE needs all 256")
         self._byte_ids = [self.ranks[bytes([b])] for b in range(256)]
         size = max([*self.ranks.values(), *self.special_tokens.values()]) + 1
+        count = len(self.ranks) + len(self.special_tokens)
+        if size > 10 * count + 1024:     # ids index a table: refuse absurd gaps (e.g. one id of 10**12)
+            raise fail(source, f"the largest id is {size - 1} for only {count} tokens; ids must be (nearly) dense")
         self._decoder: list[bytes | None] = [None] * size
         for tok, i in self.ranks.items():
             if self._decoder[i] is not None:
