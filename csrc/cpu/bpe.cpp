@@ -28,7 +28,9 @@ void BpeMerger::encode_chunk(std::string_view chunk, std::vector<std::uint32_t>&
         return;
     }
     if (use_whole_) {
-        auto it = whole_.find(std::string(chunk));
+        thread_local std::string key;   // reused: no allocation per chunk
+        key.assign(chunk.data(), chunk.size());
+        auto it = whole_.find(key);
         if (it != whole_.end()) {
             out.push_back(it->second);
             return;
@@ -42,8 +44,10 @@ void BpeMerger::encode_chunk(std::string_view chunk, std::vector<std::uint32_t>&
 
 void BpeMerger::scan(std::string_view chunk, std::vector<std::uint32_t>& out) const {
     const std::size_t n = chunk.size();
-    std::vector<std::uint32_t> ids(n);
-    std::vector<std::uint64_t> rank(n);  // rank[i]: merge of ids[i] and ids[i+1]; ~0 = none
+    thread_local std::vector<std::uint32_t> ids;   // scratch, reused across chunks
+    thread_local std::vector<std::uint64_t> rank;  // rank[i]: merge of ids[i] and ids[i+1]; ~0 = none
+    ids.resize(n);
+    rank.resize(n);
     for (std::size_t i = 0; i < n; ++i) ids[i] = byte_ids_[static_cast<unsigned char>(chunk[i])];
     for (std::size_t i = 0; i + 1 < n; ++i) rank[i] = lookup(ids[i], ids[i + 1]);
     rank[n - 1] = ~std::uint64_t{0};
