@@ -30,6 +30,8 @@ namespace py = pybind11;
 void register_attention(py::module_& m);  // bind_attention.cpp
 
 namespace nc = numformer::cpu;
+
+void register_bpe(py::module_& m);  // bind_bpe.cpp: the GPT-2 tokenizer's merge loop
 using nc::index_t;
 
 // Fused non-GEMM kernels (LayerNorm, GELU, cross-entropy, embedding, optimizers).
@@ -350,6 +352,7 @@ with no finite entry (fully masked) gives all zeros; a row containing NaN or
           "Compiler, OpenMP, SIMD and thread settings of this build, as one line.");
     register_fused(m);
     m.attr("__build_info__") = nc::build_info();
+    register_bpe(m);
 
     m.def("measure_fma_peak",
           [](double seconds, int threads) {

@@ -7,4 +7,18 @@ hot operations to the optional compiled extension ``numformer._cpu``.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "from_pretrained", "save_pretrained", "load_tokenizer"]
+
+# Loaded on first use so that ``import numformer`` stays light.
+_LAZY = {"from_pretrained": "numformer.pretrained", "save_pretrained": "numformer.pretrained",
+         "load_tokenizer": "numformer.pretrained"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'numformer' has no attribute {name!r}")

@@ -2,6 +2,7 @@
 
     numformer train [--config FILE] [--data FILE] [--out DIR] [--resume DIR] [--n-layer N ...]
     numformer sample --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
+    numformer tokenize --tokenizer PATH TEXT
     numformer gradcheck
     numformer bench [--quick] [--filter TEXT] [--threads N] [--json PATH] [--out DIR]
     numformer tokenizer train [--data FILE] --vocab-size N --out FILE
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sample(sub)
     _add_bench(sub)
+    _add_tokenize(sub)
     p = sub.add_parser("gradcheck", help="finite-difference checks of every backward pass (float64)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_gradcheck)
@@ -202,9 +204,8 @@ def run_sample(args) -> int:
     validate_sampling(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    model = checkpoint.load_model(args.checkpoint)
-    tok = checkpoint.load_tokenizer(args.checkpoint)
-    prompt = [tok.eot_id] + tok.encode(args.prompt)
+    model, tok = _load_for_sampling(args.checkpoint)
+    prompt = ([] if tok.eot_id is None else [tok.eot_id]) + tok.encode(args.prompt)
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
         sys.stdout.write(args.prompt)
@@ -226,6 +227,38 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the kernels and GPT-2 against NumPy and PyTorch")
     add_arguments(p)
     p.set_defaults(run=run)
+def _load_for_sampling(path: str):
+    """(model, tokenizer) of a numformer checkpoint or a Hugging Face GPT-2 folder."""
+    from numformer import checkpoint
+
+    if os.path.isdir(path) and not os.path.exists(os.path.join(checkpoint.resolve(path), checkpoint.TOKENIZER_FILE)):
+        from numformer import pretrained
+
+        return pretrained.from_pretrained(path), pretrained.load_tokenizer(path)
+    return checkpoint.load_model(path), checkpoint.load_tokenizer(path)
+
+
+# ----------------------------------------------------------------------------- tokenize
+
+
+def _add_tokenize(sub) -> None:
+    p = sub.add_parser("tokenize", help="print the token ids of TEXT")
+    p.add_argument("--tokenizer", required=True, metavar="PATH",
+                   help="a folder (vocab.json + merges.txt, tokenizer.json, numformer_tokenizer.json) "
+                        "or a file (.tiktoken rank file, tokenizer.json)")
+    p.add_argument("--allow-special", action="store_true",
+                   help="turn literal special tokens such as <|endoftext|> into their ids")
+    p.add_argument("text", nargs="+", help="text to encode (several words are joined by spaces)")
+    p.set_defaults(run=run_tokenize)
+
+
+def run_tokenize(args) -> int:
+    from numformer.pretrained import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    ids = tok.encode(" ".join(args.text), allowed_special=args.allow_special)
+    print(" ".join(map(str, ids)))
+    return 0
 
 
 # ----------------------------------------------------------------------------- other commands

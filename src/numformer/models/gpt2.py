@@ -3,7 +3,7 @@
     x₀ = wte[ids] + wpe[pos]                              (B, T, C)
     for each block l:
         x = x + proj(attention(split(c_attn(ln_1(x)))))   causal self-attention
-        x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))        MLP, 4C hidden
+        x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))        MLP, n_inner = 4C hidden by default
     logits = ln_f(x) @ wteᵀ                               (B, T, V) — output tied to input embedding
 
 Parameters use Hugging Face GPT-2 names and layouts (``Conv1D`` weights are
@@ -25,6 +25,11 @@ from numformer.ops import attention, cross_entropy, dropout, embedding, gelu, la
 from numformer.params import ParamLayout
 
 
+# Hugging Face activation names -> the mode of numformer.ops.gelu. "gelu_new" and
+# "gelu_pytorch_tanh" are the same tanh approximation; "gelu" is the exact erf form.
+ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+
 @dataclass
 class GPT2Config:
     """Model shape; field names follow Hugging Face's ``GPT2Config``."""
@@ -37,6 +42,7 @@ class GPT2Config:
     dropout: float = 0.0           # applied to the embedding and both residual branches
     layer_norm_epsilon: float = 1e-5
     activation_function: str = "gelu_new"   # "gelu_new" (tanh, GPT-2) or "gelu" (exact erf)
+    n_inner: int | None = None     # MLP hidden width; None means 4 * n_embd (as in Hugging Face)
 
     def validate(self) -> "GPT2Config":
         """Raise ValueError naming the first nonsensical field."""
@@ -48,9 +54,17 @@ class GPT2Config:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.activation_function not in ("gelu_new", "gelu"):
-            raise ValueError(f"activation_function must be 'gelu_new' or 'gelu', got {self.activation_function!r}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"activation_function must be one of {', '.join(map(repr, ACTIVATIONS))}, "
+                             f"got {self.activation_function!r}")
+        if self.n_inner is not None and (not isinstance(self.n_inner, (int, np.integer)) or self.n_inner <= 0):
+            raise ValueError(f"n_inner must be a positive integer or None, got {self.n_inner!r}")
         return self
+
+    @property
+    def inner(self) -> int:
+        """The MLP's hidden width (``n_inner``, or 4·n_embd when it is None)."""
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
     @property
     def head_dim(self) -> int:
@@ -75,7 +89,7 @@ class GPT2Config:
 
 def param_shapes(cfg: GPT2Config) -> "OrderedDict[str, tuple[int, ...]]":
     """The ``name -> shape`` table, in Hugging Face ``GPT2Model`` naming."""
-    C, V, P = cfg.n_embd, cfg.vocab_size, cfg.n_positions
+    C, V, P, F = cfg.n_embd, cfg.vocab_size, cfg.n_positions, cfg.inner
     shapes = OrderedDict([("wte.weight", (V, C)), ("wpe.weight", (P, C))])
     for i in range(cfg.n_layer):
         h = f"h.{i}."
@@ -87,9 +101,9 @@ def param_shapes(cfg: GPT2Config) -> "OrderedDict[str, tuple[int, ...]]":
         shapes[h + "attn.c_proj.bias"] = (C,)
         shapes[h + "ln_2.weight"] = (C,)
         shapes[h + "ln_2.bias"] = (C,)
-        shapes[h + "mlp.c_fc.weight"] = (C, 4 * C)
-        shapes[h + "mlp.c_fc.bias"] = (4 * C,)
-        shapes[h + "mlp.c_proj.weight"] = (4 * C, C)
+        shapes[h + "mlp.c_fc.weight"] = (C, F)
+        shapes[h + "mlp.c_fc.bias"] = (F,)
+        shapes[h + "mlp.c_proj.weight"] = (F, C)
         shapes[h + "mlp.c_proj.bias"] = (C,)
     shapes["ln_f.weight"] = (C,)
     shapes["ln_f.bias"] = (C,)
@@ -189,7 +203,7 @@ class GPT2:
         if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
             raise ValueError(f"token id outside [0, {cfg.vocab_size})")
         pos0 = kv_cache.length if kv_cache is not None else 0
-        act = "tanh" if cfg.activation_function == "gelu_new" else "none"
+        act = ACTIVATIONS[cfg.activation_function]
         drop = cfg.dropout if train else 0.0
 
         x, emb_c = embedding.forward(ids, p["wte.weight"], p["wpe.weight"], pos0)   # (B, T, C)
@@ -234,7 +248,7 @@ class GPT2:
         x = x + a_out
         # --- MLP branch: x = x + drop(c_proj(gelu(c_fc(ln_2(x)))))
         m_in, ln2_c = layernorm.forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], cfg.layer_norm_epsilon)
-        f, fc_c = linear.forward(m_in, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (B, T, 4C)
+        f, fc_c = linear.forward(m_in, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (B, T, n_inner)
         g, gelu_c = gelu.forward(f, act)
         m_out, mproj_c = linear.forward(g, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
         m_out, drop2_c = dropout.forward(m_out, drop, rng, train)

@@ -19,10 +19,11 @@ from typing import Any
 from .base import EOT_TOKEN, Tokenizer, fail
 from .bpe import ByteBPETokenizer
 from .char import CharTokenizer
+from .gpt2 import GPT2Tokenizer
 
-__all__ = ["EOT_TOKEN", "Tokenizer", "CharTokenizer", "ByteBPETokenizer", "load_tokenizer"]
+__all__ = ["EOT_TOKEN", "Tokenizer", "CharTokenizer", "ByteBPETokenizer", "GPT2Tokenizer", "load_tokenizer"]
 
-_KINDS = {cls.kind: cls for cls in (CharTokenizer, ByteBPETokenizer)}
+_KINDS = {cls.kind: cls for cls in (CharTokenizer, ByteBPETokenizer, GPT2Tokenizer)}
 
 
 def load_tokenizer(path_or_dict: str | os.PathLike | dict[str, Any]) -> Tokenizer:
