@@ -1,4 +1,4 @@
-"""Tokenizers: character-level and byte-level BPE.
+"""Tokenizers: character-level, byte-level BPE and WordPiece (BERT).
 
 Both share one small interface::
 
@@ -19,10 +19,12 @@ from typing import Any
 from .base import EOT_TOKEN, Tokenizer, fail
 from .bpe import ByteBPETokenizer
 from .char import CharTokenizer
+from .wordpiece import WordPieceTokenizer, load_wordpiece
 
-__all__ = ["EOT_TOKEN", "Tokenizer", "CharTokenizer", "ByteBPETokenizer", "load_tokenizer"]
+__all__ = ["EOT_TOKEN", "Tokenizer", "CharTokenizer", "ByteBPETokenizer", "WordPieceTokenizer", "load_tokenizer",
+           "load_wordpiece"]
 
-_KINDS = {cls.kind: cls for cls in (CharTokenizer, ByteBPETokenizer)}
+_KINDS = {cls.kind: cls for cls in (CharTokenizer, ByteBPETokenizer, WordPieceTokenizer)}
 
 
 def load_tokenizer(path_or_dict: str | os.PathLike | dict[str, Any]) -> Tokenizer:
