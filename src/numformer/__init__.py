@@ -7,4 +7,17 @@ hot operations to the optional compiled extension ``numformer._cpu``.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "embed", "load_bert", "load_sentence_encoder"]
+
+
+def __getattr__(name):
+    """Lazy top-level API (importing numformer stays cheap)."""
+    if name in ("embed", "load_sentence_encoder"):
+        from numformer import sentence
+
+        return getattr(sentence, name)
+    if name == "load_bert":
+        from numformer.models.bert import load_bert
+
+        return load_bert
+    raise AttributeError(f"module 'numformer' has no attribute {name!r}")

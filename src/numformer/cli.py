@@ -4,6 +4,7 @@
     numformer sample --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     numformer gradcheck
     numformer tokenizer train [--data FILE] --vocab-size N --out FILE
+    numformer embed --model DIR [--input FILE] [--output FILE.npy] [TEXT ...]
 
 User mistakes (bad flags, unreadable data, broken checkpoints) print one
 ``numformer: error: ...`` line and exit with status 2 — no traceback.
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(metavar="COMMAND")
     _add_train(sub)
     _add_sample(sub)
+    _add_embed(sub)
     p = sub.add_parser("gradcheck", help="finite-difference checks of every backward pass (float64)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_gradcheck)
@@ -212,6 +214,59 @@ def run_sample(args) -> int:
                 sys.stdout.write(tok.decode([t]))
                 sys.stdout.flush()
         sys.stdout.write("\n" if args.num_samples == 1 else "\n\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------- embed
+
+
+def _add_embed(sub) -> None:
+    p = sub.add_parser("embed", help="sentence embeddings from a BERT / sentence-transformers folder")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="Hugging Face folder (config.json, model.safetensors, tokenizer.json or vocab.txt)")
+    p.add_argument("--input", metavar="FILE", help="UTF-8 text file, one text per line ('-' for stdin)")
+    p.add_argument("--output", metavar="FILE.npy", help="write a (N, dim) float32 .npy (default: JSON to stdout)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (after those of --input)")
+    p.set_defaults(run=run_embed)
+
+
+def run_embed(args) -> int:
+    import numpy as np
+
+    from numformer.fileio import atomic_open
+    from numformer.sentence import embed, load_sentence_encoder
+
+    texts = []
+    if args.input:
+        if args.input == "-":
+            raw = sys.stdin.buffer.read()
+        else:
+            with open(args.input, "rb") as f:
+                raw = f.read()
+        try:
+            data = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"--input {args.input!r} is not UTF-8 ({exc})") from None
+        texts.extend(data.splitlines())
+    texts.extend(args.texts)
+    if not texts:
+        raise UserError("nothing to embed: give TEXT arguments or --input FILE")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max-length must be >= 2, got {args.max_length}")
+    encoder = load_sentence_encoder(args.model)
+    vectors = embed(encoder, None, texts, batch_size=args.batch_size, max_length=args.max_length)
+    if args.output:
+        with atomic_open(args.output, "wb") as f:
+            np.save(f, vectors.astype(np.float32))
+        print(f"wrote {args.output}: {vectors.shape[0]} embeddings of dimension {vectors.shape[1]}",
+              file=sys.stderr)
+    else:
+        json.dump(vectors.astype(np.float64).tolist(), sys.stdout)        # exact float32 values
+        sys.stdout.write("\n")
     return 0
 
 
