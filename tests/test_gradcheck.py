@@ -12,7 +12,7 @@ def test_every_op_matches_finite_differences(seed):
         results = gradcheck.op_checks(seed)
     bad = [(r.name, r.max_rel_error) for r in results if not r.passed]
     assert not bad, bad
-    assert len(results) == 12
+    assert len(results) == 13
 
 
 def test_whole_model_matches_finite_differences():

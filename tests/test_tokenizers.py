@@ -288,7 +288,7 @@ def _good_bpe() -> dict:
         (b"\xff\xfe{}", "not valid UTF-8 JSON"),
         ("[1, 2]", "expected a JSON object"),
         ({"merges": []}, "missing the 'kind' field"),
-        ({**_good_bpe(), "kind": "wordpiece"}, "unknown kind 'wordpiece'"),
+        ({**_good_bpe(), "kind": "sentencepiece"}, "unknown kind 'sentencepiece'"),
         ({**_good_bpe(), "merges": [[97, 97], [300, 97]]}, r"merges\[1\].*does not exist yet"),
         ({**_good_bpe(), "merges": [[97, 97], [256, 256], [258, 97]]}, r"merges\[2\]"),
         ({**_good_bpe(), "merges": [[97, 97], [97, 97], [97, 98]]}, "repeats"),

@@ -6,6 +6,9 @@
     numformer gradcheck
     numformer bench [--quick] [--filter TEXT] [--threads N] [--json PATH] [--out DIR]
     numformer tokenizer train [--data FILE] --vocab-size N --out FILE
+    numformer embed --model DIR [--input FILE] [--output FILE.npy] [TEXT ...]
+    numformer finetune --model DIR --train FILE [--val FILE] --out DIR [--freeze --epochs N ...]
+    numformer classify --model DIR [--input FILE] [TEXT ...]
 
 User mistakes (bad flags, unreadable data, broken checkpoints) print one
 ``numformer: error: ...`` line and exit with status 2 — no traceback.
@@ -54,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_bench(sub)
     _add_tokenize(sub)
+    _add_embed(sub)
+    _add_finetune(sub)
     p = sub.add_parser("gradcheck", help="finite-difference checks of every backward pass (float64)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_gradcheck)
@@ -227,6 +232,8 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the kernels and GPT-2 against NumPy and PyTorch")
     add_arguments(p)
     p.set_defaults(run=run)
+
+
 def _load_for_sampling(path: str):
     """(model, tokenizer) of a numformer checkpoint or a Hugging Face GPT-2 folder."""
     from numformer import checkpoint
@@ -258,6 +265,130 @@ def run_tokenize(args) -> int:
     tok = load_tokenizer(args.tokenizer)
     ids = tok.encode(" ".join(args.text), allowed_special=args.allow_special)
     print(" ".join(map(str, ids)))
+    return 0
+
+
+# ----------------------------------------------------------------------------- embed
+
+
+def _add_embed(sub) -> None:
+    p = sub.add_parser("embed", help="sentence embeddings from a BERT / sentence-transformers folder")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="Hugging Face folder (config.json, model.safetensors, tokenizer.json or vocab.txt)")
+    p.add_argument("--input", metavar="FILE", help="UTF-8 text file, one text per line ('-' for stdin)")
+    p.add_argument("--output", metavar="FILE.npy", help="write a (N, dim) float32 .npy (default: JSON to stdout)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (after those of --input)")
+    p.set_defaults(run=run_embed)
+
+
+def run_embed(args) -> int:
+    import numpy as np
+
+    from numformer.fileio import atomic_open
+    from numformer.sentence import embed, load_sentence_encoder
+
+    texts = _texts_from(args, "nothing to embed")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max-length must be >= 2, got {args.max_length}")
+    encoder = load_sentence_encoder(args.model)
+    vectors = embed(encoder, None, texts, batch_size=args.batch_size, max_length=args.max_length)
+    if args.output:
+        with atomic_open(args.output, "wb") as f:
+            np.save(f, vectors.astype(np.float32))
+        print(f"wrote {args.output}: {vectors.shape[0]} embeddings of dimension {vectors.shape[1]}",
+              file=sys.stderr)
+    else:
+        json.dump(vectors.astype(np.float64).tolist(), sys.stdout)        # exact float32 values
+        sys.stdout.write("\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------- finetune / classify
+
+
+def _add_finetune(sub) -> None:
+    from numformer.finetune import POOLINGS, FinetuneConfig
+
+    d = FinetuneConfig()
+    p = sub.add_parser("finetune", help="train a text classifier on a BERT encoder (CSV/JSONL of text,label)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face BERT / sentence-transformers folder")
+    p.add_argument("--train", required=True, metavar="FILE", help="CSV with text,label header, or JSONL")
+    p.add_argument("--val", metavar="FILE", help="validation file (default: hold out --val-fraction of --train)")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to save the classifier")
+    p.add_argument("--freeze", action="store_true", help="train only the head (the encoder is a fixed feature extractor)")
+    p.add_argument("--pooling", choices=POOLINGS, default=d.pooling)
+    for name in ("epochs", "batch_size", "max_length", "patience", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("lr", "head_lr", "weight_decay", "warmup_ratio", "val_fraction", "clip"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.set_defaults(run=run_finetune)
+    p = sub.add_parser("classify", help="label texts with a classifier saved by `numformer finetune`")
+    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--input", metavar="FILE", help="UTF-8 text file, one text per line ('-' for stdin)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.set_defaults(run=run_classify)
+
+
+def _texts_from(args, empty: str = "no texts") -> list:
+    """Lines of --input (a file or '-' for stdin), then the TEXT arguments."""
+    texts = []
+    if args.input:
+        if args.input == "-":
+            raw = sys.stdin.buffer.read()
+        else:
+            with open(args.input, "rb") as f:
+                raw = f.read()
+        try:
+            texts.extend(raw.decode("utf-8").splitlines())
+        except UnicodeDecodeError as exc:
+            raise UserError(f"--input {args.input!r} is not UTF-8 ({exc})") from None
+    texts.extend(args.texts)
+    if not texts:
+        raise UserError(f"{empty}: give TEXT arguments or --input FILE")
+    return texts
+
+
+def run_finetune(args) -> int:
+    from numformer.finetune import FinetuneConfig, finetune, format_report, read_labelled, save_classifier
+    from numformer.fileio import atomic_open
+    from numformer.models.bert import load_bert
+    from numformer.tokenizers.wordpiece import load_wordpiece
+
+    cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)}).validate()
+    texts, labels = read_labelled(args.train)
+    val_texts, val_labels = read_labelled(args.val) if args.val else (None, None)
+    encoder, tokenizer = load_bert(args.model), load_wordpiece(args.model)
+    print(f"numformer finetune: {len(texts)} training examples, encoder {encoder.num_params:,} parameters"
+          f" ({'frozen' if cfg.freeze else 'trained'}), pooling {cfg.pooling}")
+    result = finetune(encoder, tokenizer, texts, labels, val_texts, val_labels, cfg)
+    save_classifier(result.model, args.out, tokenizer_from=args.model, tokenizer=tokenizer)
+    report = dict(result.report, best_epoch=result.best_epoch, stopped_early=result.stopped_early,
+                  history=result.history, seconds=result.seconds, settings=dataclasses.asdict(cfg))
+    with atomic_open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nvalidation, best epoch {result.best_epoch} ({result.seconds:.1f} s):\n" + format_report(result.report))
+    print(f"\nsaved to {args.out} (try: numformer classify --model {args.out} \"some text\")")
+    return 0
+
+
+def run_classify(args) -> int:
+    from numformer.finetune import classify, load_classifier
+
+    texts = _texts_from(args)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model, tokenizer = load_classifier(args.model)
+    labels, probs = classify(model, tokenizer, texts, batch_size=args.batch_size)
+    for text, label, p in zip(texts, labels, probs):
+        print(json.dumps({"text": text, "label": label,
+                          "probabilities": {lab: round(float(x), 6) for lab, x in zip(model.labels, p)}},
+                         ensure_ascii=False))
     return 0
 
 

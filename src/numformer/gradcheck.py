@@ -19,7 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from numformer.ops import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, residual, softmax
+from numformer.ops import (attention, cross_entropy, dense, dropout, embedding, gelu, layernorm, linear, residual,
+                           softmax)
 
 TOLERANCE = 1e-6
 STEP = 1e-6
@@ -92,6 +93,8 @@ def op_checks(seed: int = 0) -> list[CheckResult]:
                          lambda wte, wpe: embedding.forward(ids, wte, wpe),
                          embedding.backward, [r(V, C), r(T + 2, C)], rng))
     results.append(check("linear (x·w + b)", linear.forward, linear.backward, [r(B, T, C), r(C, 3), r(3)], rng))
+    results.append(check("dense (x·wᵀ + b, weight (out, in))", dense.forward, dense.backward,
+                         [r(B, T, C), r(3, C), r(3)], rng))
     results.append(check("layernorm", layernorm.forward, layernorm.backward, [r(B, T, C), r(C), r(C)], rng))
     results.append(check("gelu (tanh)", lambda x: gelu.forward(x, "tanh"), gelu.backward, [r(B, T, C)], rng))
     results.append(check("gelu (erf)", lambda x: gelu.forward(x, "none"), gelu.backward, [r(B, T, C)], rng))
@@ -139,12 +142,47 @@ def model_check(seed: int = 0, max_entries: int | None = None) -> CheckResult:
     return CheckResult(f"GPT-2 model (2 layers, {what})", relative_error(analytic[idx], numeric), len(idx))
 
 
+def bert_model_check(seed: int = 0, max_entries: int | None = None) -> CheckResult:
+    """The whole BERT encoder (2 post-LN layers, token types, a padding mask, pooler) in float64.
+
+    The scalar is ``L = Σ hidden ⊙ R₁ + Σ pooled ⊙ R₂`` for fixed random R₁, R₂,
+    so every output (and every parameter, the pooler included) is exercised.
+    """
+    from numformer.models.bert import BertConfig, BertModel
+
+    rng = np.random.default_rng(seed)
+    cfg = BertConfig(vocab_size=13, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=12, max_position_embeddings=9, type_vocab_size=2, layer_norm_eps=1e-5)
+    model = BertModel.init(cfg, seed=seed, dtype=np.float64)
+    model.flat += rng.normal(0, 0.3, model.flat.shape)        # move off the symmetric init (LN gains 1, biases 0)
+    ids = rng.integers(1, 13, (2, 7))                          # id 0 is padding (its row gets no gradient)
+    ids[0, :3] = 5                                             # repeated ids must accumulate
+    tt = (np.arange(7) >= 4).astype(int)[None].repeat(2, 0)    # two segments
+    mask = np.ones((2, 7), int)
+    mask[1, 5:] = 0                                            # row 1 has two padding positions
+    R1 = rng.standard_normal((2, 7, 8))
+    R2 = rng.standard_normal((2, 8))
+
+    def loss() -> float:
+        hidden, pooled, _ = model.forward(ids, mask, tt)
+        return float(np.sum(hidden * R1) + np.sum(pooled * R2))
+
+    _, _, cache = model.forward(ids, mask, tt)
+    analytic = model.backward(cache, R1, R2)
+    n = model.flat.size if max_entries is None else min(model.flat.size, max_entries)
+    idx = rng.choice(model.flat.size, size=n, replace=False)
+    numeric = numeric_grad(loss, model.flat, idx)
+    what = "every parameter" if n == model.flat.size else f"{n} random parameters"
+    return CheckResult(f"BERT encoder (2 layers, padding, pooler, {what})",
+                       relative_error(analytic[idx], numeric), len(idx))
+
+
 def run_all(seed: int = 0) -> list[CheckResult]:
-    """Every op check followed by the whole-model check, all on the NumPy backend."""
+    """Every op check followed by the whole-model checks (GPT-2, BERT), all on the NumPy backend."""
     from numformer import backend
 
     with backend.use("numpy"):
-        return op_checks(seed) + [model_check(seed)]
+        return op_checks(seed) + [model_check(seed), bert_model_check(seed)]
 
 
 def format_table(results: list[CheckResult]) -> str:

@@ -27,9 +27,28 @@ _A = 0.044715
 _erf = np.frompyfunc(math.erf, 1, 1)   # exact erf; NumPy has none. Slow-ish, used by encoders only.
 
 
+_scipy_erf = None
+
+
 def erf(x: np.ndarray) -> np.ndarray:
-    """Elementwise error function in the dtype of ``x``."""
-    return _erf(x).astype(x.dtype) if x.size else np.zeros_like(x)
+    """Elementwise error function in the dtype of ``x``.
+
+    Uses ``scipy.special.erf`` (vectorized, accurate to a few ulp) when SciPy is
+    installed — ~10x faster, which matters for BERT-sized MLPs — else
+    ``math.erf`` element by element.
+    """
+    global _scipy_erf
+    if not x.size:
+        return np.zeros_like(x)
+    if _scipy_erf is None:
+        try:
+            from scipy.special import erf as fast
+        except ImportError:            # SciPy is optional
+            fast = False
+        _scipy_erf = fast
+    if _scipy_erf:
+        return _scipy_erf(x).astype(x.dtype, copy=False)
+    return _erf(x).astype(x.dtype)
 
 
 class _FusedCache(NamedTuple):

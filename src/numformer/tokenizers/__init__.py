@@ -1,4 +1,4 @@
-"""Tokenizers: character-level and byte-level BPE.
+"""Tokenizers: character-level, byte-level BPE and WordPiece (BERT).
 
 Both share one small interface::
 
@@ -20,10 +20,12 @@ from .base import EOT_TOKEN, Tokenizer, fail
 from .bpe import ByteBPETokenizer
 from .char import CharTokenizer
 from .gpt2 import GPT2Tokenizer
+from .wordpiece import WordPieceTokenizer, load_wordpiece
 
-__all__ = ["EOT_TOKEN", "Tokenizer", "CharTokenizer", "ByteBPETokenizer", "GPT2Tokenizer", "load_tokenizer"]
+__all__ = ["EOT_TOKEN", "Tokenizer", "CharTokenizer", "ByteBPETokenizer", "GPT2Tokenizer", "WordPieceTokenizer",
+           "load_tokenizer", "load_wordpiece"]
 
-_KINDS = {cls.kind: cls for cls in (CharTokenizer, ByteBPETokenizer, GPT2Tokenizer)}
+_KINDS = {cls.kind: cls for cls in (CharTokenizer, ByteBPETokenizer, GPT2Tokenizer, WordPieceTokenizer)}
 
 
 def load_tokenizer(path_or_dict: str | os.PathLike | dict[str, Any]) -> Tokenizer:
