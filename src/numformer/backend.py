@@ -283,7 +283,6 @@ def sgd_step(params, grads, momentum_buffer, decay_mask, *, lr, momentum, nester
     """One SGD update in place (bitwise equal to :class:`numformer.optim.SGD`'s NumPy code)."""
     _load_cpu().sgd_step(params, grads, momentum_buffer, decay_mask, lr=lr, momentum=momentum,
                          nesterov=nesterov, weight_decay=weight_decay)
-    return softmax_op.softmax_backward_reference(dy, y)
 
 
 # --------------------------------------------------------------------------

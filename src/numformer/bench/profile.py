@@ -72,7 +72,9 @@ class OpProfiler:
                 if depth == 0:
                     prof.totals[category] += dt
                     prof.calls[category] += 1
-                elif depth == 1 and prof._stack[0] != category:
+                elif category not in prof._stack:
+                    # the outermost call of its kind below another category
+                    # (e.g. a matmul under attention → backend.attention_forward)
                     prof.inside[prof._stack[0]][category] += dt
         timed.__wrapped__ = fn
         return timed
