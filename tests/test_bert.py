@@ -191,3 +191,21 @@ def test_live_minilm_matches_transformers():
         out = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(tt))
     assert np.abs(hidden - out.last_hidden_state.numpy()).max() < 2e-5
     assert np.abs(pooled - out.pooler_output.numpy()).max() < 2e-5
+
+
+def test_top_level_api_dispatches_bert_folders_and_wordpiece_files():
+    """numformer.from_pretrained / load_tokenizer pick the BERT loader and WordPiece by content."""
+    import numformer
+    from numformer.tokenizers.wordpiece import WordPieceTokenizer
+
+    model = numformer.from_pretrained(FIXTURE)
+    assert isinstance(model, BertModel)
+    np.testing.assert_array_equal(model.flat, load_bert(FIXTURE).flat)
+
+    wp = os.path.join(os.path.dirname(__file__), "fixtures", "wordpiece")
+    for path in (wp, os.path.join(wp, "tokenizer.json"), os.path.join(wp, "vocab.txt")):
+        tok = numformer.load_tokenizer(path)
+        assert isinstance(tok, WordPieceTokenizer), path
+        ids = tok.encode("Hello, world!")
+        assert ids[0] == tok.cls_id and ids[-1] == tok.sep_id
+        assert tok.decode(ids) == "hello, world!"

@@ -85,8 +85,14 @@ def from_pretrained(path: str | os.PathLike, dtype=np.float32):
                           f"({', '.join(GPT2_ARCHITECTURES)}){''.join(', ' + k for k in _OTHER_LOADERS)}")
 
 
+def _load_bert(path: str, dtype=np.float32):
+    from numformer.models.bert import load_bert     # imported on use: GPT-2 users never need it
+
+    return load_bert(path, dtype=dtype)
+
+
 # Other model families register their loaders here: model_type -> loader(path, dtype=...).
-_OTHER_LOADERS: dict = {}
+_OTHER_LOADERS: dict = {"bert": _load_bert}
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -94,8 +100,10 @@ def load_tokenizer(path: str | os.PathLike):
 
     Folder: numformer's own ``numformer_tokenizer.json``; Hugging Face
     ``vocab.json`` + ``merges.txt`` or a byte-level BPE ``tokenizer.json``
-    (GPT-2); one ``*.tiktoken`` rank file. File: a ``.tiktoken`` rank file, a
-    Hugging Face ``tokenizer.json``, or numformer's tokenizer JSON.
+    (GPT-2); a WordPiece ``tokenizer.json`` or ``vocab.txt`` (BERT); one
+    ``*.tiktoken`` rank file. File: a ``.tiktoken`` rank file, a Hugging Face
+    ``tokenizer.json`` (BPE or WordPiece), a BERT ``vocab.txt``, or
+    numformer's tokenizer JSON.
     """
     from numformer.tokenizers import load_tokenizer as load_own
     from numformer.tokenizers.gpt2 import load_gpt2_tokenizer
@@ -105,15 +113,42 @@ def load_tokenizer(path: str | os.PathLike):
         own = os.path.join(path, "numformer_tokenizer.json")
         if os.path.exists(own):
             return load_own(own)
+        hf_json = os.path.join(path, "tokenizer.json")
+        if _is_wordpiece_json(hf_json) or (not os.path.exists(hf_json) and not os.path.exists(
+                os.path.join(path, "vocab.json")) and os.path.exists(os.path.join(path, "vocab.txt"))):
+            return _load_wordpiece(path)
         return load_gpt2_tokenizer(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer {path!r} does not exist")
+    if path.endswith(".txt"):
+        return _load_wordpiece(path)
     if path.endswith(".json"):
         with open(path, "rb") as f:
             head = f.read(4096)
         if b'"kind"' in head and b'"model"' not in head:
             return load_own(path)
+        if _is_wordpiece_json(path):
+            return _load_wordpiece(path)
     return load_gpt2_tokenizer(path)
+
+
+def _is_wordpiece_json(file: str) -> bool:
+    """Whether a Hugging Face ``tokenizer.json`` holds a WordPiece model (BERT)."""
+    if not os.path.isfile(file):
+        return False
+    try:
+        with open(file, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return False                      # let the BPE reader report what is wrong with it
+    model = d.get("model") if isinstance(d, dict) else None
+    return isinstance(model, dict) and model.get("type") == "WordPiece"
+
+
+def _load_wordpiece(path: str):
+    from numformer.tokenizers.wordpiece import load_wordpiece
+
+    return load_wordpiece(path)
 
 
 # ----------------------------------------------------------------------------- GPT-2: config

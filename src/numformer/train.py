@@ -230,7 +230,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
         loss = 0.0
         for _ in range(cfg.grad_accum):          # average of micro-batch gradients
             x, y = data.batch(rng, cfg.batch_size, "train")
-            _, micro_loss, cache = model.forward(x, y, train=True, rng=rng)
+            _, micro_loss, cache = model.forward(x, y, train=True, rng=rng, reuse_logits=True)
             model.backward(cache, grads=grads, dloss=1.0 / cfg.grad_accum)
             loss += micro_loss / cfg.grad_accum
         norm = clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip > 0 else float(np.linalg.norm(grads))

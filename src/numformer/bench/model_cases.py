@@ -94,7 +94,7 @@ def train_case(sizes: Sizes, use_torch: bool = True) -> Case:
         def step(prof=None):
             section = prof.section if prof is not None else _null_section
             grads[...] = 0
-            _, loss, cache = model.forward(x, y, train=True)
+            _, loss, cache = model.forward(x, y, train=True, reuse_logits=True)
             model.backward(cache, grads=grads)
             with section("optimizer"):
                 clip_grad_norm(grads, 1.0)

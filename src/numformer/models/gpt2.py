@@ -189,12 +189,15 @@ class GPT2:
     # --------------------------------------------------------------- forward
     def forward(self, ids: np.ndarray, targets: np.ndarray | None = None, *, train: bool = False,
                 rng: np.random.Generator | None = None, kv_cache: KVCache | None = None,
-                key_mask: np.ndarray | None = None):
+                key_mask: np.ndarray | None = None, reuse_logits: bool = False):
         """ids: (B, T) int, targets: (B, T) int or None (−100 = ignore)
         -> logits (B, T, V), loss (float or None), cache for :meth:`backward`.
 
         With ``kv_cache`` the ids continue the cached sequence (inference only).
         ``key_mask``: (B, T_total) bool, False for padded positions.
+        ``reuse_logits=True`` lets :meth:`backward` overwrite the returned
+        logits with their gradient (saves a (B·T, V) buffer — 400 MB at GPT-2's
+        vocabulary and B·T = 2048); pass it only when the logits are not used.
         """
         cfg, p = self.cfg, self.params
         ids = np.asarray(ids)
@@ -220,7 +223,7 @@ class GPT2:
             kv_cache.length = pos0 + T
         loss, ce_c = None, None
         if targets is not None:
-            loss, ce_c = cross_entropy.forward(logits, np.asarray(targets))
+            loss, ce_c = cross_entropy.forward(logits, np.asarray(targets), reuse_logits=reuse_logits)
         cache = (emb_c, emb_drop_c, layers, lnf_c, xf, ce_c)
         return logits, loss, cache
 
@@ -279,9 +282,8 @@ class GPT2:
         for i in reversed(range(cfg.n_layer)):
             dx = self._block_backward(i, dx, layers[i], g)
         dx = dropout.backward(dx, emb_drop_c)
-        dwte, dwpe = embedding.backward(dx, emb_c)
-        g["wte.weight"] += dwte              # tied: the input lookup and the output head share wte
-        g["wpe.weight"] += dwpe
+        # tied: the input lookup adds into the same wte gradient as the output head
+        embedding.backward(dx, emb_c, dwte=g["wte.weight"], dwpe=g["wpe.weight"])
         return grads
 
     def _block_backward(self, i, dx, layer_c, g):
@@ -311,7 +313,7 @@ class GPT2:
     # ------------------------------------------------------------ utilities
     def loss_and_grads(self, ids, targets, *, train=False, rng=None):
         """Convenience: (loss, flat gradient buffer) for one batch."""
-        _, loss, cache = self.forward(ids, targets, train=train, rng=rng)
+        _, loss, cache = self.forward(ids, targets, train=train, rng=rng, reuse_logits=True)
         return loss, self.backward(cache)
 
     def astype(self, dtype) -> "GPT2":
