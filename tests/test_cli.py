@@ -76,7 +76,8 @@ def test_config_files_json_and_toml(tmp_path, corpus, capsys):
 def test_gradcheck_command(capsys):
     assert main(["gradcheck"]) == 0
     out = capsys.readouterr().out
-    assert "layernorm" in out and "GPT-2 model" in out and "BERT encoder" in out and "15/15 checks pass" in out
+    assert "layernorm" in out and "GPT-2 model" in out and "BERT encoder" in out and "GPT-2 classifier" in out
+    assert "16/16 checks pass" in out
 
 
 def test_tokenizer_train_command(tmp_path, corpus, capsys):

@@ -21,6 +21,12 @@ def test_whole_model_matches_finite_differences():
     assert result.passed, result.max_rel_error
 
 
+def test_gpt2_classifier_matches_finite_differences_for_every_parameter():
+    with backend.use("numpy"):
+        result = gradcheck.gpt2_classifier_check(seed=1)
+    assert result.passed and "every parameter" in result.name, result
+
+
 def test_gradcheck_detects_a_wrong_backward():
     """The checker itself must fail a broken gradient (a test that cannot fail is no test)."""
     from numformer.ops import layernorm

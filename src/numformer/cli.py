@@ -7,7 +7,7 @@
     numformer bench [--quick] [--filter TEXT] [--threads N] [--json PATH] [--out DIR]
     numformer tokenizer train [--data FILE] --vocab-size N --out FILE
     numformer embed --model DIR [--input FILE] [--output FILE.npy] [TEXT ...]
-    numformer finetune --model DIR --train FILE [--val FILE] --out DIR [--freeze --epochs N ...]
+    numformer finetune --model DIR --train FILE [--val FILE] --out DIR [--freeze --epochs N ...]   (BERT or GPT-2)
     numformer classify --model DIR [--input FILE] [TEXT ...]
 
 User mistakes (bad flags, unreadable data, broken checkpoints) print one
@@ -311,17 +311,20 @@ def run_embed(args) -> int:
 
 
 def _add_finetune(sub) -> None:
-    from numformer.finetune import POOLINGS, FinetuneConfig
+    from numformer.finetune import GPT2_POOLINGS, POOLINGS, FinetuneConfig
 
     d = FinetuneConfig()
-    p = sub.add_parser("finetune", help="train a text classifier on a BERT encoder (CSV/JSONL of text,label)",
+    p = sub.add_parser("finetune", help="train a text classifier on a BERT encoder or GPT-2's last token "
+                                        "(CSV/JSONL of text,label)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face BERT / sentence-transformers folder")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="Hugging Face BERT / sentence-transformers or GPT-2 folder, or a numformer GPT-2 checkpoint")
     p.add_argument("--train", required=True, metavar="FILE", help="CSV with text,label header, or JSONL")
     p.add_argument("--val", metavar="FILE", help="validation file (default: hold out --val-fraction of --train)")
     p.add_argument("--out", required=True, metavar="DIR", help="where to save the classifier")
     p.add_argument("--freeze", action="store_true", help="train only the head (the encoder is a fixed feature extractor)")
-    p.add_argument("--pooling", choices=POOLINGS, default=d.pooling)
+    p.add_argument("--pooling", choices=POOLINGS + GPT2_POOLINGS, default=d.pooling,
+                   help="BERT: mean (default), cls or pooler; GPT-2: last (its only choice)")
     for name in ("epochs", "batch_size", "max_length", "patience", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "head_lr", "weight_decay", "warmup_ratio", "val_fraction", "clip"):
@@ -355,21 +358,28 @@ def _texts_from(args, empty: str = "no texts") -> list:
 
 
 def run_finetune(args) -> int:
-    from numformer.finetune import FinetuneConfig, finetune, format_report, read_labelled, save_classifier
+    from numformer.finetune import (FinetuneConfig, finetune, format_report, load_backbone, read_labelled,
+                                    save_classifier)
     from numformer.fileio import atomic_open
-    from numformer.models.bert import load_bert
-    from numformer.tokenizers.wordpiece import load_wordpiece
+    from numformer.models.gpt2 import GPT2
 
     cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)}).validate()
     texts, labels = read_labelled(args.train)
     val_texts, val_labels = read_labelled(args.val) if args.val else (None, None)
-    encoder, tokenizer = load_bert(args.model), load_wordpiece(args.model)
-    print(f"numformer finetune: {len(texts)} training examples, encoder {encoder.num_params:,} parameters"
-          f" ({'frozen' if cfg.freeze else 'trained'}), pooling {cfg.pooling}")
+    classes = set(labels) | set(val_labels or ())
+    if len(classes) < 2:
+        files = args.train + (f" and {args.val}" if args.val else "")
+        raise UserError(f"{files}: every example has the label {next(iter(classes))!r}; "
+                        f"a classifier needs at least two classes")
+    encoder, tokenizer = load_backbone(args.model)
+    kind, pooling = ("GPT-2", "last") if isinstance(encoder, GPT2) else ("encoder", cfg.pooling or "mean")
+    print(f"numformer finetune: {len(texts)} training examples, {kind} {encoder.num_params:,} parameters"
+          f" ({'frozen' if cfg.freeze else 'trained'}), pooling {pooling}")
     result = finetune(encoder, tokenizer, texts, labels, val_texts, val_labels, cfg)
     save_classifier(result.model, args.out, tokenizer_from=args.model, tokenizer=tokenizer)
+    settings = dict(dataclasses.asdict(cfg), pooling=result.model.pooling)
     report = dict(result.report, best_epoch=result.best_epoch, stopped_early=result.stopped_early,
-                  history=result.history, seconds=result.seconds, settings=dataclasses.asdict(cfg))
+                  history=result.history, seconds=result.seconds, settings=settings)
     with atomic_open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(f"\nvalidation, best epoch {result.best_epoch} ({result.seconds:.1f} s):\n" + format_report(result.report))

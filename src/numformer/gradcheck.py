@@ -178,11 +178,14 @@ def bert_model_check(seed: int = 0, max_entries: int | None = None) -> CheckResu
 
 
 def run_all(seed: int = 0) -> list[CheckResult]:
-    """Every op check followed by the whole-model checks (GPT-2, BERT), all on the NumPy backend."""
+    """Every op check followed by the whole-model checks (GPT-2, BERT, the GPT-2 classifier), all on
+    the NumPy backend. The classifier row samples 600 of its ~1,950 parameters (~0.4 s; every
+    parameter is checked by ``gpt2_classifier_check()`` and in tests/test_finetune_gpt2.py)."""
     from numformer import backend
 
     with backend.use("numpy"):
-        return op_checks(seed) + [model_check(seed), bert_model_check(seed)]
+        return op_checks(seed) + [model_check(seed), bert_model_check(seed),
+                                  gpt2_classifier_check(seed, max_entries=600)]
 
 
 def format_table(results: list[CheckResult]) -> str:
@@ -193,3 +196,32 @@ def format_table(results: list[CheckResult]) -> str:
         lines.append(f"{r.name:<{width}}  {r.max_rel_error:>14.2e}  {r.checked:>7}  "
                      f"{'pass' if r.passed else 'FAIL'}")
     return "\n".join(lines)
+
+
+def gpt2_classifier_check(seed: int = 0, max_entries: int | None = None) -> CheckResult:
+    """GPT-2 + a last-token classification head (2 layers, right padding), cross-entropy, float64.
+
+    The gradient goes score → the gather of each row's last real token → ln_f
+    → both blocks → the tied embedding; the padded row checks that padding
+    positions neither change the loss nor receive gradient they should not.
+    """
+    from numformer.finetune import GPT2Classifier
+    from numformer.models.gpt2 import GPT2, GPT2Config
+
+    rng = np.random.default_rng(seed)
+    cfg = GPT2Config(vocab_size=13, n_positions=8, n_embd=8, n_layer=2, n_head=2)
+    body = GPT2.init(cfg, seed=seed, dtype=np.float64)
+    body.flat += rng.normal(0, 0.1, body.flat.shape)          # move off the symmetric init
+    model = GPT2Classifier.from_body(body, ["a", "b", "c"], pad_token_id=12, seed=seed, std=0.5)
+    ids = rng.integers(0, 12, (3, 6))
+    ids[1, 4:] = 12                                            # row 1: four real tokens, then padding
+    ids[2, 1:] = 12                                            # row 2: one real token
+    y = np.array([0, 2, 1])
+    _, _, cache = model.forward(ids, None, None, y)            # last token by the pad id, as Hugging Face
+    analytic = model.backward(cache)
+    n = model.flat.size if max_entries is None else min(model.flat.size, max_entries)
+    idx = rng.choice(model.flat.size, size=n, replace=False)
+    numeric = numeric_grad(lambda: model.forward(ids, None, None, y)[1], model.flat, idx)
+    what = "every parameter" if n == model.flat.size else f"{n} random parameters"
+    return CheckResult(f"GPT-2 classifier (last token, padding, {what})",
+                       relative_error(analytic[idx], numeric), len(idx))

@@ -256,8 +256,24 @@ def load_gpt2(path: str | os.PathLike, dtype=np.float32) -> GPT2:
     path = os.fspath(path)
     raw_cfg = read_config(path)
     cfg = gpt2_config_from_hf(raw_cfg, os.path.join(path, CONFIG))
+    flat, lm_head = read_gpt2_weights(path, cfg, ParamLayout(param_shapes(cfg)), dtype)
+    model = GPT2(cfg, flat)
+    if lm_head is not None:
+        _check_tied(model, *lm_head)
+    model.hf_config = raw_cfg           # kept so save_pretrained can write the other keys back
+    return model
+
+
+def read_gpt2_weights(path: str, cfg: GPT2Config, layout: ParamLayout, dtype=np.float32):
+    """Fill a flat buffer of ``layout`` from the folder's safetensors file(s).
+
+    ``layout`` is GPT-2's own table, or one that extends it (a classifier adds
+    ``score.weight``); file names may carry the ``transformer.`` prefix. Every
+    name of the layout must be present, nothing else may be. Returns the
+    buffer and where an ``lm_head.weight`` was found (or None), for
+    :func:`_check_tied`.
+    """
     files = _weight_files(path)
-    layout = ParamLayout(param_shapes(cfg))
     flat = np.empty(layout.size, dtype=dtype)
     filled: set[str] = set()
     lm_head = None                      # (file, entry, data_start) of an lm_head.weight, checked at the end
@@ -305,11 +321,7 @@ def load_gpt2(path: str | os.PathLike, dtype=np.float32) -> GPT2:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise PretrainedError(f"{', '.join(files)}: missing tensor {missing[0]!r}{more} "
                               f"(also looked for 'transformer.{missing[0]}')")
-    model = GPT2(cfg, flat)
-    if lm_head is not None:
-        _check_tied(model, *lm_head)
-    model.hf_config = raw_cfg           # kept so save_pretrained can write the other keys back
-    return model
+    return flat, lm_head
 
 
 _TIE_BLOCK_BYTES = 4 << 20

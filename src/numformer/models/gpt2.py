@@ -9,7 +9,9 @@
 Parameters use Hugging Face GPT-2 names and layouts (``Conv1D`` weights are
 stored (in, out)), all in one flat buffer (:mod:`numformer.params`).
 :meth:`GPT2.backward` calls the ops' backward functions in exact reverse
-order of :meth:`GPT2.forward`.
+order of :meth:`GPT2.forward`. :meth:`GPT2.hidden` stops at ``ln_f`` (the
+features a classification head reads) and ``backward(cache, dhidden=...)``
+starts from a gradient of those hidden states instead of the LM loss.
 """
 
 from __future__ import annotations
@@ -200,6 +202,33 @@ class GPT2:
         vocabulary and B·T = 2048); pass it only when the logits are not used.
         """
         cfg, p = self.cfg, self.params
+        pos0 = kv_cache.length if kv_cache is not None else 0
+        xf, body_c = self._body_forward(ids, train, rng, kv_cache, key_mask)          # (B, T, C)
+        B, T, C = xf.shape
+        logits = backend.matmul(xf.reshape(B * T, C), p["wte.weight"], trans_b=True)  # (BT, V) = x·wteᵀ
+        logits = logits.reshape(B, T, cfg.vocab_size)
+        if kv_cache is not None:
+            kv_cache.length = pos0 + T
+        loss, ce_c = None, None
+        if targets is not None:
+            loss, ce_c = cross_entropy.forward(logits, np.asarray(targets), reuse_logits=reuse_logits)
+        cache = (*body_c, xf, ce_c)
+        return logits, loss, cache
+
+    def hidden(self, ids: np.ndarray, *, train: bool = False, rng: np.random.Generator | None = None,
+               key_mask: np.ndarray | None = None):
+        """The final hidden states, after ``ln_f`` and before the tied LM head.
+
+        ids: (B, T) int -> hidden (B, T, C), cache. ``backward(cache, dhidden=...)``
+        differentiates any function of them (a classification head, say) without
+        ever forming the (B, T, V) logits.
+        """
+        xf, body_c = self._body_forward(ids, train, rng, None, key_mask)
+        return xf, (*body_c, xf, None)
+
+    def _body_forward(self, ids, train, rng, kv_cache, key_mask):
+        """Embeddings, every block and ``ln_f``. ids: (B, T) -> xf (B, T, C), cache."""
+        cfg, p = self.cfg, self.params
         ids = np.asarray(ids)
         if ids.ndim != 2:
             raise ValueError(f"ids must be (B, T), got shape {ids.shape}")
@@ -216,16 +245,7 @@ class GPT2:
             x, layer_c = self._block_forward(i, x, drop, rng, train, kv_cache, pos0, act, key_mask)
             layers.append(layer_c)
         xf, lnf_c = layernorm.forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.layer_norm_epsilon)
-        B, T, C = xf.shape
-        logits = backend.matmul(xf.reshape(B * T, C), p["wte.weight"], trans_b=True)  # (BT, V) = x·wteᵀ
-        logits = logits.reshape(B, T, cfg.vocab_size)
-        if kv_cache is not None:
-            kv_cache.length = pos0 + T
-        loss, ce_c = None, None
-        if targets is not None:
-            loss, ce_c = cross_entropy.forward(logits, np.asarray(targets), reuse_logits=reuse_logits)
-        cache = (emb_c, emb_drop_c, layers, lnf_c, xf, ce_c)
-        return logits, loss, cache
+        return xf, (emb_c, emb_drop_c, layers, lnf_c)
 
     def _block_forward(self, i, x, drop, rng, train, kv_cache, pos0, act, key_mask):
         """One pre-LN block. x: (B, T, C) -> x: (B, T, C), cache."""
@@ -259,24 +279,36 @@ class GPT2:
         return x, (ln1_c, qkv_c, att_c, proj_c, drop1_c, ln2_c, fc_c, gelu_c, mproj_c, drop2_c)
 
     # -------------------------------------------------------------- backward
-    def backward(self, cache, grads: np.ndarray | None = None, dloss: float = 1.0) -> np.ndarray:
+    def backward(self, cache, grads: np.ndarray | None = None, dloss: float = 1.0, *,
+                 dhidden: np.ndarray | None = None) -> np.ndarray:
         """Gradient of the loss with respect to every parameter.
 
         Returns a flat buffer of the parameter layout. If ``grads`` is given,
         the gradients are *added* to it (gradient accumulation).
+        ``dhidden``: (B, T, C), the gradient of some other scalar with respect
+        to the final hidden states (:meth:`hidden`); it is added to what the LM
+        loss sends back, or used alone when the forward had no targets.
         """
         emb_c, emb_drop_c, layers, lnf_c, xf, ce_c = cache
-        if ce_c is None:
-            raise ValueError("backward needs a forward pass that was given targets")
+        if ce_c is None and dhidden is None:
+            raise ValueError("backward needs a forward pass that was given targets, or dhidden")
         cfg, p = self.cfg, self.params
         grads = self.layout.zeros(self.dtype) if grads is None else grads
         g = self.layout.views(grads)
         B, T, C = xf.shape
 
-        dlogits = cross_entropy.backward(dloss, ce_c).reshape(B * T, cfg.vocab_size)   # (BT, V)
-        # logits = xf · wteᵀ  ⇒  dxf = dlogits · wte,  dwte += dlogitsᵀ · xf
-        dxf = backend.matmul(dlogits, p["wte.weight"]).reshape(B, T, C)
-        backend.matmul(dlogits, xf.reshape(B * T, C), trans_a=True, out=g["wte.weight"], accumulate=True)
+        if ce_c is not None:
+            dlogits = cross_entropy.backward(dloss, ce_c).reshape(B * T, cfg.vocab_size)   # (BT, V)
+            # logits = xf · wteᵀ  ⇒  dxf = dlogits · wte,  dwte += dlogitsᵀ · xf
+            dxf = backend.matmul(dlogits, p["wte.weight"]).reshape(B, T, C)
+            backend.matmul(dlogits, xf.reshape(B * T, C), trans_a=True, out=g["wte.weight"], accumulate=True)
+            if dhidden is not None:
+                dxf = dxf + dhidden
+        else:
+            if np.shape(dhidden) != (B, T, C):
+                raise ValueError(f"dhidden must have the hidden states' shape {(B, T, C)}, got {np.shape(dhidden)}")
+            dxf = np.asarray(dhidden, dtype=self.dtype)
+        # xf = ln_f(x)
         dx, dgam, dbet = layernorm.backward(dxf, lnf_c)
         _accumulate(g, "ln_f", dgam, dbet)
         for i in reversed(range(cfg.n_layer)):
