@@ -298,11 +298,27 @@ def test_engine_survives_a_failing_model(served, monkeypatch):
         eng.stop()
 
 
-def test_engine_refuses_when_full_or_stopped(served):
+def test_engine_refuses_when_full_or_stopped(served, monkeypatch):
     eng = Engine(served, max_queue=1)
     with pytest.raises(APIError) as info:
         eng.submit(Job(COMPLETION, lambda e: None, rows=[]))
-    assert info.value.status == 503
+    assert info.value.status == 503                     # not started
+    script = _Script({0: [10]}, hold_first=True)
+    monkeypatch.setattr(engine_mod, "generate_rows", script)
+    eng.start()
+    try:
+        eng.submit(_job(served, {"prompt": [0], "max_tokens": 1}, lambda e: None))
+        assert script.entered.wait(10)                  # running; the queue is empty again
+        eng.submit(_job(served, {"prompt": [0], "max_tokens": 1}, lambda e: None))   # fills the queue
+        with pytest.raises(APIError) as info:
+            eng.submit(_job(served, {"prompt": [0], "max_tokens": 1}, lambda e: None))
+        assert info.value.status == 429 and info.value.code == "server_busy"
+    finally:
+        script.release.set()
+        eng.stop()
+    with pytest.raises(APIError) as info:
+        eng.submit(_job(served, {"prompt": [0], "max_tokens": 1}, lambda e: None))
+    assert info.value.status == 503                     # stopped
 
 
 def test_real_generate_rows_matches_generate(served):
