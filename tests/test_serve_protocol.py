@@ -66,6 +66,7 @@ def test_parse_completion_defaults_and_prompt_forms():
     ({"model": "m", "prompt": "x", "stop": 5}, "stop"),
     ({"model": "m", "prompt": "x", "stop": ["a", ""]}, "stop"),
     ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "m", "prompt": "x", "stop": "x" * 257}, "stop"),
     ({"model": "m", "prompt": "x", "seed": "1"}, "seed"),
     ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
     ({"model": "m", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
@@ -126,6 +127,11 @@ def test_text_stream_joins_split_utf8(served):
     pieces = [ts.feed(t) for t in ids] + [ts.finish()]
     assert "".join(pieces) == "é€😀 ok"
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_text_stream_survives_ids_the_tokenizer_cannot_decode(served):
+    ts = TextStream(served.tokenizer)
+    assert ts.feed(10 ** 6) == "\ufffd"                 # a padded vocabulary's unused id
 
 
 def test_partial_stop_suffix():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -49,10 +50,13 @@ async def read_json(request: Request, limit: int) -> dict:
         if int(declared) > limit:
             raise _too_large(int(declared), limit)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(len(body), limit)
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(len(body), limit)
+    except ClientDisconnect:
+        raise invalid("the client disconnected before sending the whole body") from None
     return parse_json(bytes(body))
 
 
@@ -63,7 +67,8 @@ def _too_large(size: int, limit: int) -> APIError:
 
 def _check_auth(request: Request) -> None:
     key = request.app.state.api_key
-    if key is not None and request.headers.get("authorization", "") != f"Bearer {key}":
+    sent = request.headers.get("authorization", "").encode()
+    if key is not None and not hmac.compare_digest(sent, f"Bearer {key}".encode()):
         raise APIError("missing or wrong API key (send 'Authorization: Bearer KEY')", status=401,
                        code="invalid_api_key")
 

@@ -35,6 +35,7 @@ class Limits:
     max_rows: int = 64                   # prompts × n
     max_inputs: int = 256                # texts in one embeddings request
     max_stop: int = 4                    # stop strings (OpenAI's limit)
+    max_stop_chars: int = 256            # characters per stop string (each token scans for them)
     max_temperature: float = 2.0         # OpenAI's range is [0, 2]
 
 
@@ -223,6 +224,8 @@ def _stop(value: Any, limits: Limits) -> list[str]:
         raise invalid(f"'stop' holds {len(stops)} strings; at most {limits.max_stop}", param="stop")
     if any(s == "" for s in stops):
         raise invalid("'stop' strings must not be empty", param="stop")
+    if any(len(s) > limits.max_stop_chars for s in stops):
+        raise invalid(f"'stop' strings may have at most {limits.max_stop_chars} characters", param="stop")
     return stops
 
 

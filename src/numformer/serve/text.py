@@ -71,8 +71,21 @@ def _partial_stop_suffix(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+REPLACEMENT = "\ufffd".encode("utf-8")
+
+
 def _token_bytes_function(tokenizer):
-    """A function id -> bytes for the tokenizer (character tokenizers give UTF-8 of their text)."""
-    if hasattr(tokenizer, "decode_bytes"):
-        return lambda t: tokenizer.decode_bytes([t])
-    return lambda t: tokenizer.decode([t]).encode("utf-8")
+    """A function id -> bytes for the tokenizer.
+
+    An id the tokenizer cannot decode (a model whose vocabulary is padded past
+    the tokenizer's) becomes U+FFFD instead of failing the whole batch.
+    """
+    decode = tokenizer.decode_bytes if hasattr(tokenizer, "decode_bytes") else \
+        (lambda ids: tokenizer.decode(ids).encode("utf-8"))
+
+    def token_bytes(t: int) -> bytes:
+        try:
+            return decode([t])
+        except (ValueError, IndexError, KeyError):
+            return REPLACEMENT
+    return token_bytes
