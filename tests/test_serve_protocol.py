@@ -194,25 +194,33 @@ def test_plan_completion_rows_seeds_and_context(served):
 class _Script:
     """A stand-in for generate_rows: row i produces tokens[i]; the first batch can be held."""
 
-    def __init__(self, tokens, hold_first=False):
+    def __init__(self, tokens, hold_first=False, admits=True):
         self.tokens = tokens
+        self.admits = admits                 # False: like a batched generator that cannot add rows
         self.batches = []
         self.entered = threading.Event()
         self.release = threading.Event()
         if not hold_first:
             self.release.set()
 
-    def __call__(self, model, rows, eot_id, on_token):
-        self.batches.append([r.index for r in rows])
+    def __call__(self, model, rows, eot_id, on_token, admit=None):
+        rows = list(rows)
+        self.batches.append([r.prompt_ids[0] for r in rows])
         self.entered.set()
         self.release.wait(10)
-        live = set(range(len(rows)))
-        step = 0
+        live = {i: 0 for i in range(len(rows))}        # row -> next step
         while live:
             for i in sorted(live):
-                if step >= len(self.tokens[rows[i].prompt_ids[0]]) or not on_token(i, self.tokens[rows[i].prompt_ids[0]][step]):
-                    live.discard(i)
-            step += 1
+                script = self.tokens[rows[i].prompt_ids[0]]
+                if live[i] >= len(script) or not on_token(i, script[live[i]]):
+                    del live[i]
+                else:
+                    live[i] += 1
+            if self.admits and admit is not None and live:
+                new = admit()
+                self.batches[-1].extend("+%d" % r.prompt_ids[0] for r in new)
+                live.update({len(rows) + k: 0 for k in range(len(new))})
+                rows.extend(new)
 
 
 def _collect():
@@ -255,7 +263,7 @@ def test_engine_finish_reasons_and_stop_strings(served, monkeypatch):
 
 
 def test_engine_batches_waiting_jobs_by_settings(served, monkeypatch):
-    script = _Script({k: [10, 11] for k in range(5)}, hold_first=True)
+    script = _Script({k: [10, 11] for k in range(5)}, hold_first=True, admits=False)
     monkeypatch.setattr(engine_mod, "generate_rows", script)
     eng = Engine(served, max_batch_rows=8)
     eng.start()
@@ -276,10 +284,35 @@ def test_engine_batches_waiting_jobs_by_settings(served, monkeypatch):
     assert eng.largest_batch == 4
 
 
+def test_engine_admits_compatible_jobs_into_a_running_batch(served, monkeypatch):
+    """Jobs arriving while a batch runs join it between tokens if their settings match;
+    the first one that does not match waits for the next batch, and nothing joins after it."""
+    script = _Script({k: [10, 11, 12] for k in range(5)}, hold_first=True)
+    monkeypatch.setattr(engine_mod, "generate_rows", script)
+    eng = Engine(served, max_batch_rows=8)
+    eng.start()
+    try:
+        dones = []
+        for k, extra in enumerate([{}, {}, {"temperature": 0}, {}, {"temperature": 0}]):
+            events, done, sink = _collect()
+            eng.submit(_job(served, {"prompt": [k], "max_tokens": 3, **extra}, sink))
+            dones.append(done)
+            if k == 0:
+                assert script.entered.wait(10)
+        script.release.set()
+        assert all(d.wait(10) for d in dones)
+    finally:
+        eng.stop()
+    # batch 1: job 0, job 1 joins; job 2 (T=0) is deferred, so job 3 does not join.
+    # batch 2: job 2 with job 4 (both T=0); batch 3: job 3.
+    assert script.batches == [[0, "+1"], [2, 4], [3]]
+    assert eng.jobs_admitted == 1
+
+
 def test_engine_survives_a_failing_model(served, monkeypatch):
     calls = []
 
-    def broken(model, rows, eot_id, on_token):
+    def broken(model, rows, eot_id, on_token, admit=None):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("boom")
@@ -328,18 +361,26 @@ def test_engine_refuses_when_full_or_stopped(served, monkeypatch):
 
 
 def test_real_generate_rows_matches_generate(served):
-    """The round-robin adapter gives each row what generate() gives it alone."""
+    """The round-robin adapter gives each row what generate() gives it alone, admitted rows included."""
     from numformer.generate import generate
 
-    req = parse_completion({"model": "m", "prompt": ["ab", "xyz q"], "n": 2, "seed": 3, "max_tokens": 6,
+    req = parse_completion({"model": "m", "prompt": ["ab", "xyz q", "late"], "n": 2, "seed": 3, "max_tokens": 6,
                             "temperature": 0.9})
     rows, _ = plan_completion(served, req)
+    first, late = rows[:4], rows[4:]
     got = {i: [] for i in range(len(rows))}
+    admitted = []
 
     def on_token(i, t):
         got[i].append(t)
         return len(got[i]) < rows[i].max_tokens
 
-    engine_mod.generate_rows(served.model, rows, None, on_token)
+    def admit():
+        if admitted:
+            return []
+        admitted.append(1)
+        return late                                   # join after the first step
+
+    engine_mod.generate_rows(served.model, first, None, on_token, admit)
     for i, r in enumerate(rows):
         assert got[i] == generate(served.model, r.prompt_ids, 6, temperature=0.9, seed=r.seed)

@@ -8,6 +8,12 @@ them by sampling settings, and runs each group as one batch:
     queue: [job A (2 rows, T=0.8)] [job B (1 row, T=0.8)] [job C (1 row, T=0)]
     worker: batch {A, B} (same settings) -> then batch {C}
 
+While a batch of completions runs, jobs that arrive with the same settings
+join it between tokens (continuous batching), up to ``max_batch_rows`` live
+sequences; a job with other settings is set aside (deferred) and starts the
+next batch, and from then on nothing more joins the running one, so it
+cannot be starved.
+
 Results go back through each job's ``sink`` (a thread-safe callable; the app
 passes one that hands events to the event loop): :class:`Delta` text as it is
 produced, :class:`Finish` per choice, :class:`Done` when the job is complete,
@@ -130,12 +136,14 @@ def batch_key(job: Job) -> tuple:
 # ----------------------------------------------------------------------------- the model call
 
 
-def generate_rows(model, rows: list[Row], eot_id: int | None, on_token: Callable[[int, int], bool]) -> None:
+def generate_rows(model, rows: list[Row], eot_id: int | None, on_token: Callable[[int, int], bool],
+                  admit: Callable[[], list[Row]] | None = None) -> None:
     """Generate every row of a batch; ``on_token(i, token)`` returns False to end row i.
 
     The caller ends each row (end-of-text, stop string, ``max_tokens``, a
     cancelled client) by returning False; this function returns when no row
-    is left.
+    is left. Between steps it calls ``admit()``: the rows it returns join the
+    batch, numbered after the rows so far (continuous batching).
 
     PLUG-IN POINT FOR BATCHED GENERATION. Until :mod:`numformer.generate`
     has a batched API, this loops over the single-sequence
@@ -146,20 +154,29 @@ def generate_rows(model, rows: list[Row], eot_id: int | None, on_token: Callable
     cache sized to the longest prompt + max_tokens) and calls ``on_token``
     for each live row per step. It must keep one random generator per row
     (seeded with ``row.seed``) so that a seeded request gives the same text
-    whatever it is batched with.
+    whatever it is batched with. One that cannot add rows mid-flight simply
+    never calls ``admit``: waiting requests then form the next batch.
     """
     from numformer.generate import stream
 
-    live = {}
-    for i, r in enumerate(rows):
-        live[i] = stream(model, r.prompt_ids, r.max_tokens, temperature=r.temperature, top_k=r.top_k,
-                         top_p=None if r.top_p >= 1.0 else r.top_p, seed=r.seed, eot_id=eot_id)
+    live: dict = {}
+
+    def start(new_rows: list[Row]) -> None:
+        for r in new_rows:
+            live[start.count] = stream(model, r.prompt_ids, r.max_tokens, temperature=r.temperature, top_k=r.top_k,
+                                       top_p=None if r.top_p >= 1.0 else r.top_p, seed=r.seed, eot_id=eot_id)
+            start.count += 1
+    start.count = 0
+
+    start(rows)
     try:
         while live:
             for i in list(live):
                 token = next(live[i], None)
                 if token is None or not on_token(i, int(token)):
                     live.pop(i).close()
+            if admit is not None and live:
+                start(admit())
     finally:
         for it in live.values():
             it.close()
@@ -193,7 +210,9 @@ class Engine:
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._deferred: list[Job] = []     # taken off the queue, waiting for a batch of their settings
         self.batches_run = 0               # counters, for tests and logs
+        self.jobs_admitted = 0             # jobs that joined a running batch
         self.largest_batch = 0
 
     # -- lifecycle
@@ -239,7 +258,7 @@ class Engine:
     # -- the worker
 
     def _drain(self) -> list[Job]:
-        jobs = []
+        jobs, self._deferred = self._deferred, []
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -248,32 +267,67 @@ class Engine:
             if job is not None:
                 jobs.append(job)
 
+    def _poll(self) -> Job | None:
+        """A waiting job, without blocking: deferred ones first. None when there is none.
+
+        (The queue's None is stop()'s wake-up call; ``_stopping`` is already set
+        when it arrives, and the worker loop checks that.)
+        """
+        if self._deferred:
+            return self._deferred.pop(0)
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
     def _take_batch(self, first: Job) -> list[Job]:
-        """``first`` plus the jobs waiting now, up to ``max_batch_rows`` sequences (in queue order)."""
+        """``first`` plus the jobs waiting now, up to ``max_batch_rows`` sequences (in arrival order)."""
         jobs, size = [first], first.size
         while size < self.max_batch_rows:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:                  # stop() was called: finish what we hold, then exit
-                self._queue.put_nowait(None)
+            job = self._poll()
+            if job is None:
                 break
             jobs.append(job)
             size += job.size
         return jobs
 
+    def _admit(self, key: tuple, live_rows: int) -> list[Job]:
+        """Jobs that join the running batch now: same settings, room left, and no older job waiting.
+
+        A job of other settings ends the admission and waits (deferred) for
+        the next batch; while one waits, nothing more joins, so a stream of
+        compatible requests cannot starve it.
+        """
+        jobs: list[Job] = []
+        if self._deferred:
+            return jobs
+        while live_rows < self.max_batch_rows:
+            job = self._poll()
+            if job is None:
+                break
+            if job.cancelled:
+                continue
+            if batch_key(job) != key or live_rows + job.size > self.max_batch_rows:
+                self._deferred.append(job)
+                break
+            jobs.append(job)
+            live_rows += job.size
+        return jobs
+
     def _run(self) -> None:
         while not self._stopping.is_set():
-            first = self._queue.get()
+            first = self._deferred.pop(0) if self._deferred else self._queue.get()
             if first is None:
-                break
+                continue                                    # stop()'s wake-up
             jobs = [j for j in self._take_batch(first) if not j.cancelled]
             groups: dict[tuple, list[Job]] = {}
-            for job in jobs:                                # dicts keep first-seen order: FIFO between groups
+            for job in jobs:                                # dicts keep first-seen order
                 groups.setdefault(batch_key(job), []).append(job)
-            for group in groups.values():
-                self._run_group(group)
+            if not groups:
+                continue
+            first_group, *later = groups.values()
+            self._deferred[:0] = [j for g in later for j in g]   # the other settings go next, in order
+            self._run_group(first_group)
 
     def _run_group(self, jobs: list[Job]) -> None:
         self.batches_run += 1
@@ -289,6 +343,7 @@ class Engine:
                 job.emit(Failed(server_error(f"the model failed on this request ({type(exc).__name__}: {exc})")))
 
     def _complete(self, jobs: list[Job]) -> None:
+        """Generate for ``jobs``; jobs admitted while it runs are appended to ``jobs``."""
         served = self.served
         eot = served.eot_id
         states = [_RowState(job, row, served.tokenizer) for job in jobs for row in job.rows]
@@ -313,7 +368,21 @@ class Engine:
                 return False
             return True
 
-        generate_rows(served.model, [s.row for s in states], eot, on_token)
+        key = batch_key(jobs[0])
+
+        def admit() -> list[Row]:
+            live = sum(1 for s in states if not s.done)
+            new: list[Row] = []
+            for job in self._admit(key, live):
+                jobs.append(job)                 # so that _run_group's error handling reaches it too
+                self.jobs_admitted += 1
+                for row in job.rows:
+                    states.append(_RowState(job, row, served.tokenizer))
+                    new.append(row)
+            self.largest_batch = max(self.largest_batch, live + len(new))
+            return new
+
+        generate_rows(served.model, [s.row for s in states], eot, on_token, admit)
         for s in states:                                     # rows the generator ended on its own
             if not s.done:
                 self._finish(s, "length" if s.tokens >= s.row.max_tokens else "stop")
