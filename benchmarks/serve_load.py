@@ -3,6 +3,7 @@
     python benchmarks/serve_load.py                                  # tiny GPT-2 fixture, 32 × 3, max_tokens 4
     python benchmarks/serve_load.py --stream                         # streamed: also time to first token
     python benchmarks/serve_load.py --checkpoint runs/x --max-tokens 32 --clients 8 --requests 4
+    python benchmarks/serve_load.py --threads 1                      # the server's kernels on one thread
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model NAME   # a server already running
 
 Without --url the server is started as a separate process on a free
@@ -37,11 +38,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: str, port: int, max_batch: int) -> subprocess.Popen:
+def start_server(checkpoint: str, port: int, max_batch: int, threads: int | None) -> subprocess.Popen:
     """`numformer serve` in a child process; returns once /health answers."""
+    env = dict(os.environ)
+    if threads is not None:
+        for var in ("NUMFORMER_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(threads)
     proc = subprocess.Popen([sys.executable, "-m", "numformer.cli", "serve", "--checkpoint", checkpoint,
                              "--port", str(port), "--max-batch", str(max_batch), "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -116,6 +121,8 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--stream", action="store_true", help="streamed requests (reports time to first token)")
     ap.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (when started here)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="kernel and BLAS threads of the server started here (default: the environment's)")
     ap.add_argument("--out", default="bench-results", help="folder for serve_load.json / .md")
     args = ap.parse_args()
 
@@ -123,7 +130,7 @@ def main() -> int:
     url = args.url
     if url is None:
         port = free_port()
-        proc = start_server(args.checkpoint, port, args.max_batch)
+        proc = start_server(args.checkpoint, port, args.max_batch, args.threads)
         url = f"http://127.0.0.1:{port}"
     try:
         model = args.model or httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
@@ -140,7 +147,7 @@ def main() -> int:
     report = {
         "model": model, "checkpoint": None if args.url else os.path.relpath(args.checkpoint),
         "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
-        "stream": args.stream, "max_batch": args.max_batch, "statuses": statuses,
+        "stream": args.stream, "max_batch": args.max_batch, "server_threads": args.threads, "statuses": statuses,
         "server_errors_5xx": sum(v for k, v in statuses.items() if k.startswith("5")),
         "latency": percentiles(r["latency"] for r in ok),
         "time_to_first_token": percentiles(r["ttft"] for r in ok) if args.stream else None,
@@ -154,6 +161,7 @@ def main() -> int:
     lat, ttft = report["latency"], report["time_to_first_token"] or {}
     rows = [("requests", f"{args.clients} clients × {args.requests}, max_tokens {args.max_tokens}"
              f"{', streamed' if args.stream else ''}"),
+            ("server threads", str(args.threads or os.environ.get("NUMFORMER_NUM_THREADS", "default"))),
             ("statuses", ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()))),
             ("latency p50 / p90 / p99", f"{lat.get('p50_ms')} / {lat.get('p90_ms')} / {lat.get('p99_ms')} ms")]
     if args.stream:
