@@ -284,6 +284,27 @@ def test_engine_batches_waiting_jobs_by_settings(served, monkeypatch):
     assert eng.largest_batch == 4
 
 
+def test_engine_batches_never_exceed_max_batch_rows(served, monkeypatch):
+    script = _Script({k: [10] for k in range(4)}, hold_first=True, admits=False)
+    monkeypatch.setattr(engine_mod, "generate_rows", script)
+    eng = Engine(served, max_batch_rows=3)
+    eng.start()
+    try:
+        dones = []
+        for k, n in enumerate([1, 2, 2, 1]):
+            events, done, sink = _collect()
+            eng.submit(_job(served, {"prompt": [k], "max_tokens": 1, "n": n}, sink))
+            dones.append(done)
+            if k == 0:
+                assert script.entered.wait(10)
+        script.release.set()
+        assert all(d.wait(10) for d in dones)
+    finally:
+        eng.stop()
+    # job 2 does not fit beside job 1 (2 + 2 > 3): it leads the next batch, which job 3 joins
+    assert script.batches == [[0], [1, 1], [2, 2, 3]]
+
+
 def test_engine_admits_compatible_jobs_into_a_running_batch(served, monkeypatch):
     """Jobs arriving while a batch runs join it between tokens if their settings match;
     the first one that does not match waits for the next batch, and nothing joins after it."""

@@ -199,9 +199,9 @@ class _RowState:
 class Engine:
     """The worker thread and its queue (see the module docstring).
 
-    ``max_batch_rows`` bounds the sequences one batch gathers from waiting
-    jobs (a single larger job still runs, alone); ``max_queue`` bounds waiting
-    jobs, beyond which :meth:`submit` answers 429.
+    ``max_batch_rows`` bounds the live sequences of a batch (a single job
+    with more rows still runs, alone); ``max_queue`` bounds waiting jobs,
+    beyond which :meth:`submit` answers 429.
     """
 
     def __init__(self, served: ServedModel, max_batch_rows: int = 32, max_queue: int = 256):
@@ -281,11 +281,17 @@ class Engine:
             return None
 
     def _take_batch(self, first: Job) -> list[Job]:
-        """``first`` plus the jobs waiting now, up to ``max_batch_rows`` sequences (in arrival order)."""
+        """``first`` plus the jobs waiting now, up to ``max_batch_rows`` sequences (in arrival order).
+
+        A job that does not fit waits at the head of the line for the next batch.
+        """
         jobs, size = [first], first.size
         while size < self.max_batch_rows:
             job = self._poll()
             if job is None:
+                break
+            if size + job.size > self.max_batch_rows:
+                self._deferred.insert(0, job)
                 break
             jobs.append(job)
             size += job.size
