@@ -8,6 +8,9 @@ import base64
 import concurrent.futures
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -23,6 +26,7 @@ from numformer.generate import generate  # noqa: E402
 from numformer.models.gpt2 import GPT2, GPT2Config  # noqa: E402
 from numformer.sentence import embed  # noqa: E402
 from numformer.serve import BackgroundServer, Limits, load_served_model  # noqa: E402
+from numformer.serve.server import free_port  # noqa: E402
 from numformer.tokenizers import CharTokenizer  # noqa: E402
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -327,6 +331,34 @@ def test_cli_serve_defaults_and_errors(capsys):
     assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)
     assert cli.main(["serve", "--checkpoint", "/no/such/folder"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_serve_runs_the_server_and_stops_on_ctrl_c():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "numformer.cli", "serve", "--checkpoint", TINY_GPT2,
+                             "--port", str(port), "--model-name", "tiny", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(600):                                 # up to 60 s on a busy machine
+            if proc.poll() is not None:
+                break
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0) as c:
+            assert c.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, err.decode()
+    assert "model 'tiny' (completion, context 32 tokens)" in err.decode() and "stopped" in err.decode()
 
 
 # ----------------------------------------------------------------------------- load

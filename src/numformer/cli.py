@@ -437,8 +437,12 @@ def run_serve(args) -> int:
     route = "/v1/completions" if served.kind == "completion" else "/v1/embeddings"
     print(f"numformer serve: model '{served.name}' ({served.kind}, context {served.context_length} tokens) "
           f"on http://{args.host}:{args.port}{route}", file=sys.stderr)
-    serve_forever(served, args.host, args.port, log_level=args.log_level, api_key=api_key,
-                  max_batch_rows=args.max_batch, limits=Limits(max_body_bytes=args.max_body_bytes))
+    try:
+        serve_forever(served, args.host, args.port, log_level=args.log_level, api_key=api_key,
+                      max_batch_rows=args.max_batch, limits=Limits(max_body_bytes=args.max_body_bytes))
+    except KeyboardInterrupt:          # uvicorn shut down cleanly, then re-raised Ctrl-C: the normal way to stop
+        pass
+    print("numformer serve: stopped", file=sys.stderr)
     return 0
 
 
