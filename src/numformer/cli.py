@@ -9,6 +9,7 @@
     numformer embed --model DIR [--input FILE] [--output FILE.npy] [TEXT ...]
     numformer finetune --model DIR --train FILE [--val FILE] --out DIR [--freeze --epochs N ...]   (BERT or GPT-2)
     numformer classify --model DIR [--input FILE] [TEXT ...]
+    numformer serve --checkpoint DIR [--host 127.0.0.1 --port 8000 --model-name NAME --api-key KEY]
 
 User mistakes (bad flags, unreadable data, broken checkpoints) print one
 ``numformer: error: ...`` line and exit with status 2 — no traceback.
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenize(sub)
     _add_embed(sub)
     _add_finetune(sub)
+    _add_serve(sub)
     p = sub.add_parser("gradcheck", help="finite-difference checks of every backward pass (float64)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_gradcheck)
@@ -399,6 +401,58 @@ def run_classify(args) -> int:
         print(json.dumps({"text": text, "label": label,
                           "probabilities": {lab: round(float(x), 6) for lab, x in zip(model.labels, p)}},
                          ensure_ascii=False))
+    return 0
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (needs the serve extra)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="numformer checkpoint, Hugging Face GPT-2 folder (completions) or BERT / "
+                        "sentence-transformers folder (embeddings)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback: only this machine)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the folder's name)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: no key; "
+                        "$NUMFORMER_API_KEY is used when set)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences one batch gathers from waiting requests")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args) -> int:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"numformer serve needs the server stack ({exc.name} is not installed): "
+                        "pip install \"numformer[serve]\" (or pip install \".[serve]\" in a checkout)") from None
+    from numformer.serve import Limits, load_served_model
+    from numformer.serve.server import serve_forever
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_batch < 1 or args.max_body_bytes < 1024:
+        raise UserError("--max-batch must be >= 1 and --max-body-bytes >= 1024")
+    api_key = args.api_key or os.environ.get("NUMFORMER_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"numformer serve: warning: listening on {args.host} without an API key; anyone who can "
+              "reach this address can use the model", file=sys.stderr)
+    served = load_served_model(args.checkpoint, args.model_name)
+    route = "/v1/completions" if served.kind == "completion" else "/v1/embeddings"
+    print(f"numformer serve: model '{served.name}' ({served.kind}, context {served.context_length} tokens) "
+          f"on http://{args.host}:{args.port}{route}", file=sys.stderr)
+    try:
+        serve_forever(served, args.host, args.port, log_level=args.log_level, api_key=api_key,
+                      max_batch_rows=args.max_batch, limits=Limits(max_body_bytes=args.max_body_bytes))
+    except KeyboardInterrupt:          # uvicorn shut down cleanly, then re-raised Ctrl-C: the normal way to stop
+        pass
+    print("numformer serve: stopped", file=sys.stderr)
     return 0
 
 
