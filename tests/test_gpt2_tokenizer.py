@@ -317,8 +317,12 @@ def test_tokenizer_json(tmp_path, hf_tok):
     bad_json = tmp_path / "wp" / "tokenizer.json"
     bad_json.parent.mkdir()
     bad_json.write_text('{"model": {"type": "WordPiece", "vocab": {}}}')
+    # numformer.load_tokenizer would hand a WordPiece file to the WordPiece reader;
+    # the GPT-2 reader itself must refuse it by name
+    from numformer.tokenizers.gpt2 import load_gpt2_tokenizer
+
     with pytest.raises(ValueError, match=r"tokenizer\.json.*'WordPiece' is not byte-level BPE"):
-        numformer.load_tokenizer(bad_json)
+        load_gpt2_tokenizer(bad_json)
 
 
 def test_real_gpt2_rank_file_exports_to_equivalent_hf_files(tmp_path, real_gpt2):
