@@ -257,3 +257,15 @@ def test_incremental_decoding_of_bytes_that_never_form_a_character(gpt2_tok):
     assert dec.push(gpt2_tok.eot_id) == ""
     assert dec.push(ids[2]) == "\ufffda" and dec.flush() == ""
     assert gpt2_tok.decode(ids) == "\ufffda"
+
+
+def test_batched_prompts_may_be_an_array_and_limits_must_be_integers():
+    model = GPT2.init(BCFG, seed=8)
+    prompts = np.array([[1, 2, 3], [4, 5, 6]])
+    assert generate_batch(model, prompts, 3, temperature=0) == generate_batch(model, prompts.tolist(), 3,
+                                                                              temperature=0)
+    for bad in (2.5, [2.0, 3.0], "3"):
+        with pytest.raises(TypeError, match="max_new_tokens"):
+            batch_stream(model, prompts, bad)
+    with pytest.raises(TypeError, match="prompt 0"):
+        batch_stream(model, [1, 2, 3], 3)                  # one flat prompt instead of a list of prompts

@@ -19,6 +19,7 @@ cutting a multi-byte UTF-8 character in two.
 from __future__ import annotations
 
 import codecs
+import operator
 from collections import deque
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
@@ -174,8 +175,8 @@ class BatchStream:
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | Sequence[int | None] | None = None, eot_id: int | Iterable[int] | None = None):
         validate_sampling(temperature, top_k, top_p)
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-            raise TypeError("prompts must be a sequence of token-id sequences, one per row")
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+            raise TypeError("prompts must be a sequence of token-id sequences (or a (B, T) array), one per row")
         self.prompts = [_id_list(p, i) for i, p in enumerate(prompts)]
         B = len(self.prompts)
         if B == 0:
@@ -350,7 +351,10 @@ def _per_row(value, B: int, name: str) -> list[int]:
     """An int for every row, or one int per row."""
     if isinstance(value, (int, np.integer)):
         return [int(value)] * B
-    values = [int(v) for v in value]
+    try:
+        values = [operator.index(v) for v in value]
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a sequence of one int per prompt, got {value!r}") from None
     if len(values) != B:
         raise ValueError(f"{name} has {len(values)} entries for {B} prompts")
     return values
