@@ -27,6 +27,9 @@ import numpy as np
 
 from numformer.models.gpt2 import GPT2, KVCache
 
+__all__ = ["stream", "generate", "batch_stream", "generate_batch", "BatchStream", "TokenEvent",
+           "IncrementalDecoder", "sample_next", "filter_logits", "validate_sampling"]
+
 
 def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError for settings that have no meaning."""
