@@ -82,7 +82,7 @@ class Sizes:
     gen_prompt: int = 16
     gen_new: int = 128
     gen_batches: tuple = (1, 8)
-    gen_new_batched: int = 32                 # new tokens per row at batch > 1 (keeps batch 8 to ~20 s)
+    gen_new_batched: int = 16                 # new tokens per row at batch > 1: 8 × 16 = the 128 of batch 1
     gen_numpy: bool = False                   # also time generation on the NumPy backend (--full)
     model_runs: int = 2                       # timed steps / generations after the warm-up
     budget: float = 1.5                       # seconds of timed rounds per kernel case
