@@ -156,6 +156,9 @@ class BatchStream:
       the row on that event;
     * ``prompt_lengths``, ``max_new_tokens`` — per row; ``cache`` — the KV cache.
 
+    Not thread-safe: iterate and call :meth:`finish` from one thread (a
+    server's worker thread can check stop strings between events).
+
     Layout: left padding. The prompts are right-aligned in one (B, T) block,
     T = the longest prompt, pad positions hidden from every query by a key
     mask, and each row gets its own position ids (its first real token is
