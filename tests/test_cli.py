@@ -136,3 +136,46 @@ def test_unparseable_flag_exits_2():
     result = subprocess.run([sys.executable, "-m", "numformer.cli", "train", "--n-layer", "two"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "invalid int value" in result.stderr
+
+
+def test_sample_stream_prints_the_same_text(trained, capsys):
+    args = ["sample", "--checkpoint", trained, "--prompt", "hello", "--max-new-tokens", "6", "--seed", "3"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--stream"]) == 0
+    assert capsys.readouterr().out == plain
+    # past the context window (16 positions) generation slides the window, as before
+    assert main(["sample", "--checkpoint", trained, "--prompt", "hello", "--max-new-tokens", "30",
+                 "--seed", "3", "--stream"]) == 0
+    assert capsys.readouterr().out.startswith(plain.rstrip("\n"))
+
+
+def test_sample_several_prompts_as_one_batch(trained, tmp_path, capsys):
+    from numformer import checkpoint
+    from numformer.generate import generate
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("this is\nworld\n", encoding="utf-8")
+    assert main(["sample", "--checkpoint", trained, "--prompt", "hello", "--prompts-file", str(prompts),
+                 "--max-new-tokens", "5", "--temperature", "0", "--num-samples", "2"]) == 0
+    out = capsys.readouterr().out
+    model, tok = checkpoint.load_model(trained), checkpoint.load_tokenizer(trained)
+    for p, text in enumerate(["hello", "this is", "world"]):
+        new = generate(model, [tok.eot_id] + tok.encode(text), 5, temperature=0, eot_id=tok.eot_id)
+        completion = text + tok.decode([t for t in new if t != tok.eot_id])
+        for i in (1, 2):
+            assert f"--- prompt {p + 1}, sample {i} ---\n{completion}\n" in out
+    assert main(["sample", "--checkpoint", trained, "--prompt", "hello", "--prompt", "world",
+                 "--max-new-tokens", "4", "--seed", "0", "--stream"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for row in (0, 1):
+        mine = [line for line in lines if line["row"] == row]
+        assert mine[-1]["finish_reason"] in ("stop", "length")
+        assert all("text" in line for line in mine[:-1]) and len(mine) - 1 <= 4
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--prompts-file", "missing.txt"], "does not exist"), (["--num-samples", "0"], "num-samples")])
+def test_bad_batch_sampling_flags(trained, capsys, flags, match):
+    assert main(["sample", "--checkpoint", trained, *flags]) == 2
+    assert match in error_line(capsys)

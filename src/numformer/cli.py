@@ -1,7 +1,8 @@
 """The ``numformer`` command line.
 
     numformer train [--config FILE] [--data FILE] [--out DIR] [--resume DIR] [--n-layer N ...]
-    numformer sample --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
+    numformer sample --checkpoint DIR [--prompt TEXT ... | --prompts-file FILE] [--stream]
+                     [--max-new-tokens N --temperature T --top-k K --top-p P --seed S --num-samples N]
     numformer tokenize --tokenizer PATH TEXT
     numformer gradcheck
     numformer bench [--quick] [--filter TEXT] [--threads N] [--json PATH] [--out DIR]
@@ -192,37 +193,130 @@ def _print_samples(cfg, result) -> None:
 
 
 def _add_sample(sub) -> None:
-    p = sub.add_parser("sample", help="generate text from a checkpoint")
-    p.add_argument("--checkpoint", required=True, metavar="DIR")
-    p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    p = sub.add_parser("sample", help="generate text from a checkpoint (several prompts are decoded as one batch)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a folder from `numformer train` or a Hugging Face GPT-2 folder")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="text to continue; repeat the flag for several prompts (default: one empty prompt, "
+                        "i.e. start a new document)")
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="UTF-8 file with one prompt per line ('-' for stdin), after any --prompt")
+    p.add_argument("--stream", action="store_true",
+                   help="print text as it is produced; with several rows, one JSON object per line: "
+                        '{"row", "text"} pieces, then {"row", "finish_reason"}')
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None, help="sample i of every prompt uses SEED + i")
+    p.add_argument("--num-samples", type=int, default=1, help="continuations per prompt")
     p.set_defaults(run=run_sample)
 
 
+def _sample_prompts(args) -> list[str]:
+    """The --prompt texts, then the lines of --prompts-file; [""] when neither is given."""
+    texts = list(args.prompt or [])
+    if args.prompts_file:
+        if args.prompts_file == "-":
+            raw = sys.stdin.buffer.read()
+        else:
+            if not os.path.isfile(args.prompts_file):
+                raise UserError(f"--prompts-file {args.prompts_file!r} does not exist")
+            with open(args.prompts_file, "rb") as f:
+                raw = f.read()
+        try:
+            lines = raw.decode("utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise UserError(f"--prompts-file {args.prompts_file!r} is not UTF-8 ({exc})") from None
+        if not lines:
+            raise UserError(f"--prompts-file {args.prompts_file!r} holds no prompts")
+        texts.extend(lines)
+    return texts or [""]
+
+
 def run_sample(args) -> int:
-    from numformer import checkpoint
-    from numformer.generate import stream, validate_sampling
+    from numformer.generate import IncrementalDecoder, batch_stream, validate_sampling
 
     validate_sampling(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    texts = _sample_prompts(args)
     model, tok = _load_for_sampling(args.checkpoint)
-    prompt = ([] if tok.eot_id is None else [tok.eot_id]) + tok.encode(args.prompt)
-    for i in range(args.num_samples):
-        seed = None if args.seed is None else args.seed + i
-        sys.stdout.write(args.prompt)
-        for t in stream(model, prompt, args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=seed, eot_id=tok.eot_id):
-            if t != tok.eot_id:
-                sys.stdout.write(tok.decode([t]))
-                sys.stdout.flush()
-        sys.stdout.write("\n" if args.num_samples == 1 else "\n\n")
+    rows = [(p, i) for p in range(len(texts)) for i in range(args.num_samples)]   # (prompt, sample)
+    start = [] if tok.eot_id is None else [tok.eot_id]
+    ids = [start + tok.encode(texts[p]) for p, _ in rows]
+    if not all(ids):
+        raise UserError("an empty prompt needs an end-of-text token to start from, and this tokenizer has none")
+    seeds = [None if args.seed is None else args.seed + i for _, i in rows]
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eot_id=tok.eot_id)
+    if max(map(len, ids)) + args.max_new_tokens <= model.cfg.n_positions:
+        events = batch_stream(model, ids, args.max_new_tokens, seed=seeds, **sampling)
+        reasons = events.finish_reason
+    else:                   # beyond the context window: one row at a time, with the sliding window of stream()
+        reasons = [None] * len(rows)
+        events = _rows_one_at_a_time(model, ids, args.max_new_tokens, seeds, reasons, sampling)
+
+    single = len(rows) == 1
+    skip = [] if tok.eot_id is None else [tok.eot_id]
+    decoders = [IncrementalDecoder(tok, skip_ids=skip) for _ in rows]
+    pieces: list[list[str]] = [[] for _ in rows]
+    closed: set[int] = set()
+
+    def emit(row: int, piece: str) -> None:
+        pieces[row].append(piece)
+        if args.stream and piece:
+            if single:
+                sys.stdout.write(piece)
+            else:
+                print(json.dumps({"row": row, "text": piece}, ensure_ascii=False))
+            sys.stdout.flush()
+
+    def close(row: int) -> None:
+        closed.add(row)
+        emit(row, decoders[row].flush())               # an unfinished character becomes U+FFFD
+        if args.stream and not single:
+            print(json.dumps({"row": row, "prompt": rows[row][0], "sample": rows[row][1],
+                              "finish_reason": reasons[row] or "length"}), flush=True)
+
+    if single and args.stream:
+        sys.stdout.write(texts[0])
+        sys.stdout.flush()
+    for row, token in events:
+        emit(row, decoders[row].push(token))
+        if reasons[row] is not None:                   # set before the row's last token is yielded
+            close(row)
+    for row in range(len(rows)):
+        if row not in closed:
+            close(row)
+    if args.stream:
+        if single:
+            sys.stdout.write("\n")
+        return 0
+    for row, (p, i) in enumerate(rows):
+        if not single:
+            print(f"--- prompt {p + 1}, sample {i + 1} ---")
+        sys.stdout.write(texts[p] + "".join(pieces[row]) + "\n")
     return 0
+
+
+def _rows_one_at_a_time(model, ids, max_new_tokens, seeds, reasons, sampling):
+    """(row, token) events like batch_stream's, from stream() row by row; ``reasons[row]``
+    is set before the row's last token is yielded."""
+    from numformer.generate import stream
+
+    eot = sampling["eot_id"]
+    for row, (prompt, seed) in enumerate(zip(ids, seeds)):
+        count = 0
+        for token in stream(model, prompt, max_new_tokens, seed=seed, **sampling):
+            count += 1
+            if eot is not None and token == eot:
+                reasons[row] = "stop"
+            elif count == max_new_tokens:
+                reasons[row] = "length"
+            yield row, token
+        reasons[row] = reasons[row] or "length"
 
 
 # ----------------------------------------------------------------------------- bench

@@ -81,7 +81,8 @@ class Sizes:
     train_numpy: bool = False                 # also time the training step on the NumPy backend (--full)
     gen_prompt: int = 16
     gen_new: int = 128
-    gen_batches: tuple = (1,)
+    gen_batches: tuple = (1, 8)
+    gen_new_batched: int = 16                 # new tokens per row at batch > 1: 8 × 16 = the 128 of batch 1
     gen_numpy: bool = False                   # also time generation on the NumPy backend (--full)
     model_runs: int = 2                       # timed steps / generations after the warm-up
     budget: float = 1.5                       # seconds of timed rounds per kernel case
@@ -102,7 +103,7 @@ class Sizes:
         return cls(gemm_m=(4096,), gemm_kn=(("qkv", 768, 2304), ("mlp down", 3072, 768)),
                    gemm_backward_kn=(("mlp up", 768, 3072),), lm_head=None,
                    softmax_shapes=((49152, 1024), (4096, 50257)), attn_t=(1024,),
-                   train=False, gen_new=32, model_runs=1, budget=0.6, fma_seconds=0.15,
+                   train=False, gen_new=32, gen_new_batched=16, model_runs=1, budget=0.6, fma_seconds=0.15,
                    copy_bytes=128 << 20)
 
     @classmethod
@@ -112,7 +113,8 @@ class Sizes:
                    gemm_backward_kn=(("qkv", 32, 96),), lm_head=(64, 32, 500),
                    gemm_1thread=64, softmax_shapes=((64, 32), (8, 500)), attn_bhd=(1, 2, 16), attn_t=(16,),
                    gpt2=dict(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=2),
-                   train_bt=(2, 16), gen_prompt=4, gen_new=4, model_runs=2, budget=0.02,
+                   train_bt=(2, 16), gen_prompt=4, gen_new=4, gen_new_batched=3, gen_batches=(1, 2),
+                   model_runs=2, budget=0.02,
                    fma_seconds=0.01, copy_bytes=1 << 20, sgemm_n=64)
 
 

@@ -128,6 +128,8 @@ class KVCache:
     """Keys and values of past positions, preallocated to ``max_len``.
 
     k[l], v[l]: (B, H, max_len, D); ``length`` positions are filled.
+    Memory: 2 · n_layer · B · max_len · n_embd values (:attr:`nbytes`) —
+    72 KiB per position and row for GPT-2 124M in float32.
     """
 
     def __init__(self, cfg: GPT2Config, batch: int, max_len: int, dtype=np.float32):
@@ -138,6 +140,11 @@ class KVCache:
         self.v = [np.zeros(shape, dtype) for _ in range(cfg.n_layer)]
         self.max_len = max_len
         self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the keys and values of all layers."""
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
 
 class GPT2:
@@ -191,24 +198,35 @@ class GPT2:
     # --------------------------------------------------------------- forward
     def forward(self, ids: np.ndarray, targets: np.ndarray | None = None, *, train: bool = False,
                 rng: np.random.Generator | None = None, kv_cache: KVCache | None = None,
-                key_mask: np.ndarray | None = None, reuse_logits: bool = False):
+                key_mask: np.ndarray | None = None, reuse_logits: bool = False,
+                positions: np.ndarray | None = None, last_only: bool = False):
         """ids: (B, T) int, targets: (B, T) int or None (−100 = ignore)
         -> logits (B, T, V), loss (float or None), cache for :meth:`backward`.
 
         With ``kv_cache`` the ids continue the cached sequence (inference only).
-        ``key_mask``: (B, T_total) bool, False for padded positions.
+        ``key_mask``: (B, T_total) bool, False for padded positions (T_total
+        counts the cached positions too when there is a cache).
+        ``positions``: (B, T) int or None — the position of every token, for
+        batches whose rows start at different positions (left-padded
+        generation, see :mod:`numformer.generate`); None means
+        ``cache length + t`` for token t, as in training.
+        ``last_only=True`` computes the logits of the last position only,
+        (B, 1, V) (generation needs no more; saves the (B·T, V) head on a
+        long prompt); it cannot be combined with ``targets``.
         ``reuse_logits=True`` lets :meth:`backward` overwrite the returned
         logits with their gradient (saves a (B·T, V) buffer — 400 MB at GPT-2's
         vocabulary and B·T = 2048); pass it only when the logits are not used.
         """
         cfg, p = self.cfg, self.params
+        if last_only and targets is not None:
+            raise ValueError("last_only=True computes one position's logits; the loss needs all of them")
         pos0 = kv_cache.length if kv_cache is not None else 0
-        xf, body_c = self._body_forward(ids, train, rng, kv_cache, key_mask)          # (B, T, C)
+        xf, body_c = self._body_forward(ids, train, rng, kv_cache, key_mask, positions, last_only)  # (B, T, C)
         B, T, C = xf.shape
         logits = backend.matmul(xf.reshape(B * T, C), p["wte.weight"], trans_b=True)  # (BT, V) = x·wteᵀ
         logits = logits.reshape(B, T, cfg.vocab_size)
         if kv_cache is not None:
-            kv_cache.length = pos0 + T
+            kv_cache.length = pos0 + np.shape(ids)[1]          # every input position, even with last_only
         loss, ce_c = None, None
         if targets is not None:
             loss, ce_c = cross_entropy.forward(logits, np.asarray(targets), reuse_logits=reuse_logits)
@@ -226,8 +244,9 @@ class GPT2:
         xf, body_c = self._body_forward(ids, train, rng, None, key_mask)
         return xf, (*body_c, xf, None)
 
-    def _body_forward(self, ids, train, rng, kv_cache, key_mask):
-        """Embeddings, every block and ``ln_f``. ids: (B, T) -> xf (B, T, C), cache."""
+    def _body_forward(self, ids, train, rng, kv_cache, key_mask, positions=None, last_only=False):
+        """Embeddings, every block and ``ln_f``. ids: (B, T) -> xf (B, T, C), or (B, 1, C)
+        with ``last_only``; cache."""
         cfg, p = self.cfg, self.params
         ids = np.asarray(ids)
         if ids.ndim != 2:
@@ -238,12 +257,14 @@ class GPT2:
         act = ACTIVATIONS[cfg.activation_function]
         drop = cfg.dropout if train else 0.0
 
-        x, emb_c = embedding.forward(ids, p["wte.weight"], p["wpe.weight"], pos0)   # (B, T, C)
+        x, emb_c = embedding.forward(ids, p["wte.weight"], p["wpe.weight"], pos0, positions)  # (B, T, C)
         x, emb_drop_c = dropout.forward(x, drop, rng, train)
         layers = []
         for i in range(cfg.n_layer):
             x, layer_c = self._block_forward(i, x, drop, rng, train, kv_cache, pos0, act, key_mask)
             layers.append(layer_c)
+        if last_only:
+            x = x[:, -1:]                                                    # (B, 1, C)
         xf, lnf_c = layernorm.forward(x, p["ln_f.weight"], p["ln_f.bias"], cfg.layer_norm_epsilon)
         return xf, (emb_c, emb_drop_c, layers, lnf_c)
 

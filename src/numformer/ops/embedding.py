@@ -1,6 +1,7 @@
 """Token and learned position embeddings (GPT-2's ``wte`` and ``wpe``).
 
-    out[b, t] = wte[ids[b, t]] + wpe[pos0 + t]
+    out[b, t] = wte[ids[b, t]] + wpe[pos0 + t]          (default: every row starts at pos0)
+    out[b, t] = wte[ids[b, t]] + wpe[positions[b, t]]   (per-row positions, e.g. left padding)
 
 A lookup is a matrix product with a one-hot matrix, ``onehot(ids) @ wte``,
 so its gradient is ``onehot(ids)ᵀ @ dout``: every row of ``dout`` is *added*
@@ -22,16 +23,28 @@ import numpy as np
 from numformer import backend
 
 
-def forward(ids: np.ndarray, wte: np.ndarray, wpe: np.ndarray, pos0: int = 0):
+def forward(ids: np.ndarray, wte: np.ndarray, wpe: np.ndarray, pos0: int = 0,
+            positions: np.ndarray | None = None):
     """ids: (B, T) int, wte: (V, C), wpe: (P, C) -> out: (B, T, C), cache.
 
     ``pos0`` is the position of ``ids[:, 0]`` (non-zero when decoding with a KV cache).
+    ``positions``: (B, T) int or None — each token's own position instead (batched
+    generation with left padding, where rows start at different positions).
     """
     B, T = ids.shape
-    if pos0 + T > wpe.shape[0]:
-        raise ValueError(f"sequence of length {pos0 + T} exceeds the context of {wpe.shape[0]} positions")
-    out = wte[ids] + wpe[pos0:pos0 + T]             # (B, T, C) + (T, C) broadcast over B
-    return out, (ids, wte.shape, wpe.shape, pos0)
+    if positions is None:
+        if pos0 + T > wpe.shape[0]:
+            raise ValueError(f"sequence of length {pos0 + T} exceeds the context of {wpe.shape[0]} positions")
+        out = wte[ids] + wpe[pos0:pos0 + T]             # (B, T, C) + (T, C) broadcast over B
+        return out, (ids, wte.shape, wpe.shape, pos0)
+    positions = np.asarray(positions)
+    if positions.shape != ids.shape:
+        raise ValueError(f"positions must have the shape of ids {ids.shape}, got {positions.shape}")
+    if positions.size and (positions.min() < 0 or positions.max() >= wpe.shape[0]):
+        raise ValueError(f"positions must lie in [0, {wpe.shape[0]}) (the context), "
+                         f"got [{int(positions.min())}, {int(positions.max())}]")
+    out = wte[ids] + wpe[positions]                     # (B, T, C) + (B, T, C)
+    return out, (ids, wte.shape, wpe.shape, positions)
 
 
 def backward(dout: np.ndarray, cache, *, dwte: np.ndarray | None = None,
@@ -43,6 +56,8 @@ def backward(dout: np.ndarray, cache, *, dwte: np.ndarray | None = None,
     """
     ids, wte_shape, wpe_shape, pos0 = cache
     arrays = [a for a in (dout, dwte, dwpe) if a is not None]
+    if isinstance(pos0, np.ndarray):                  # per-row positions: the reference scatter-add
+        return backward_reference(dout, cache, dwte=dwte, dwpe=dwpe)
     if backend.fused(*arrays) and all(a.flags.c_contiguous and a.flags.writeable
                                       for a in (dwte, dwpe) if a is not None):
         dwte = np.zeros(wte_shape, np.float32) if dwte is None else dwte
@@ -61,11 +76,16 @@ def backward_reference(dout: np.ndarray, cache, *, dwte: np.ndarray | None = Non
     * ``∂out[b,t]/∂wte[v] = I`` when ``ids[b,t] = v``, so
       ``dwte[v] = Σ_{b,t: ids[b,t]=v} dout[b,t]`` — a scatter-add.
     * ``wpe[pos0+t]`` is added to every batch row, so ``dwpe[pos0+t] = Σ_b dout[b,t]``.
+    * with per-row ``positions`` the position lookup is a scatter-add like ``wte``'s:
+      ``dwpe[p] = Σ_{b,t: positions[b,t]=p} dout[b,t]``.
     """
     ids, wte_shape, wpe_shape, pos0 = cache
     C = dout.shape[-1]
     dwte = np.zeros(wte_shape, dtype=dout.dtype) if dwte is None else dwte
     np.add.at(dwte, ids.reshape(-1), dout.reshape(-1, C))     # repeated ids accumulate
     dwpe = np.zeros(wpe_shape, dtype=dout.dtype) if dwpe is None else dwpe
-    dwpe[pos0:pos0 + ids.shape[1]] += dout.sum(axis=0)        # (T, C)
+    if isinstance(pos0, np.ndarray):                          # per-row positions (B, T)
+        np.add.at(dwpe, pos0.reshape(-1), dout.reshape(-1, C))
+    else:
+        dwpe[pos0:pos0 + ids.shape[1]] += dout.sum(axis=0)    # (T, C)
     return dwte, dwpe

@@ -9,12 +9,14 @@ Reads the three formats GPT-2 vocabularies come in:
 
 Pre-tokenization
     The text is cut with GPT-2's pattern (:data:`GPT2_PATTERN`), which needs
-    Unicode letter/number classes ``\\p{L}``/``\\p{N}``. We use the
-    third-party ``regex`` module for it: it is small, has wheels everywhere,
-    is what the pattern was written for (GPT-2's original ``encoder.py`` used
-    it) and tracks the Unicode database; hand-made category tables would
-    have to be regenerated for each Unicode version and would still be
-    slower than its C engine. BPE never merges across chunk boundaries.
+    Unicode letter/number classes ``\\p{L}``/``\\p{N}``. Three engines, fastest
+    first: the C++ scanner of ``numformer._cpu`` (GPT-2's pattern only); the
+    third-party ``regex`` module when it is installed (what the pattern was
+    written for; needed for any other pattern); else the hand-written scanner
+    of :mod:`numformer.tokenizers.gpt2_split`, so that a NumPy-only install
+    can tokenize. The scanners classify characters with one table per process
+    (:func:`class_table`), asked of ``regex`` when it imports and of
+    :mod:`unicodedata` otherwise. BPE never merges across chunk boundaries.
 
 Merging, two rules (one engine)
     *tiktoken rank files* merge by the rank of the concatenation: among all
@@ -50,11 +52,12 @@ import os
 import re
 from typing import Any, Iterable
 
+from . import gpt2_split
 from .base import EOT_TOKEN, Tokenizer, as_id_list, fail
 
 try:
     import regex as _regex
-except ImportError:  # pragma: no cover - regex is a dependency
+except ImportError:  # a minimal (NumPy-only) install: gpt2_split does GPT-2's pattern
     _regex = None
 
 #: GPT-2's pre-tokenization pattern (the same string tiktoken's "gpt2" encoding uses).
@@ -113,27 +116,15 @@ def _fix_surrogates(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-_CLASSES: bytes | None = None
-
-
 def class_table() -> bytes:
     """One byte per code point: bit 1 ``\\p{L}``, bit 2 ``\\p{N}``, bit 4 ``\\s``.
 
-    Asked of the ``regex`` module itself, so the C++ pre-tokenizer classifies
-    every character exactly as the pattern does (same Unicode version).
-    Built once per process (~0.1 s, 1.1 MB).
+    Asked of the ``regex`` module itself when it is installed, so the C++
+    pre-tokenizer classifies every character exactly as the pattern does
+    (same Unicode version); else from :mod:`unicodedata` (see
+    :mod:`numformer.tokenizers.gpt2_split`). Built once per process (~0.5 s, 1.1 MB).
     """
-    global _CLASSES
-    if _CLASSES is None:
-        import numpy as np
-
-        every = "".join(map(chr, range(0x110000)))
-        table = np.zeros(0x110000, np.uint8)
-        for bit, cls in ((1, r"\p{L}"), (2, r"\p{N}"), (4, r"\s")):
-            for m in _regex.finditer(cls + "+", every):
-                table[m.start():m.end()] |= bit
-        _CLASSES = table.tobytes()
-    return _CLASSES
+    return gpt2_split.class_table()
 
 
 def _load_core():
@@ -250,7 +241,8 @@ class GPT2Tokenizer(Tokenizer):
     special_tokens : dict str -> int
         E.g. ``{"<|endoftext|>": 50256}``.
     pattern : str
-        Pre-tokenization pattern (``regex`` module syntax).
+        Pre-tokenization pattern (``regex`` module syntax). GPT-2's own
+        pattern works without ``regex``; any other needs it.
     source : str
         Where the vocabulary came from, for error messages.
     """
@@ -260,14 +252,15 @@ class GPT2Tokenizer(Tokenizer):
     def __init__(self, ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]] | None = None,
                  special_tokens: dict[str, int] | None = None, pattern: str = GPT2_PATTERN,
                  source: str = "<ranks>", use_extension: bool = True):
-        if _regex is None:  # pragma: no cover
-            raise ImportError("the GPT-2 tokenizer needs the 'regex' package: pip install regex")
+        if _regex is None and pattern != GPT2_PATTERN:
+            raise ImportError(f"{source}: the pre-tokenization pattern {pattern!r} is not GPT-2's and "
+                              f"needs the 'regex' package (pip install regex)")
         self.source = source
         self.ranks = dict(ranks)
         self.merges = None if merges is None else list(merges)
         self.special_tokens = dict(special_tokens or {})
         self.pattern = pattern
-        self._regex = _regex.compile(pattern)
+        self._regex = _regex.compile(pattern) if _regex is not None else None   # None: gpt2_split
 
         missing = [b for b in range(256) if bytes([b]) not in self.ranks]
         if missing:
@@ -409,7 +402,8 @@ class GPT2Tokenizer(Tokenizer):
         """Encode ``text`` with no special tokens at all."""
         if self._fast:
             return self._core.encode_text(_fix_surrogates(text))
-        pieces = self._regex.findall(_fix_surrogates(text))
+        text = _fix_surrogates(text)
+        pieces = self._regex.findall(text) if self._regex is not None else gpt2_split.split(text)
         if self._core is not None:
             return self._core.encode(pieces)
         out: list[int] = []
@@ -436,10 +430,11 @@ class GPT2Tokenizer(Tokenizer):
             return self.encode_ordinary(text)
         text = _fix_surrogates(text)
         # longest first, so a special token that is a prefix of another never wins
-        pat = "|".join(_regex.escape(s) for s in sorted(allowed, key=len, reverse=True))
+        # (literal alternatives: the standard library's re is enough)
+        pat = "|".join(re.escape(s) for s in sorted(allowed, key=len, reverse=True))
         out: list[int] = []
         start = 0
-        for m in _regex.finditer(pat, text):
+        for m in re.finditer(pat, text):
             out.extend(self.encode_ordinary(text[start:m.start()]))
             out.append(self.special_tokens[m.group()])
             start = m.end()
