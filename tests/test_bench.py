@@ -269,7 +269,7 @@ def test_bench_command_model_rows_tiny(tmp_path, capsys):
     assert rc == 0
     doc = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
     ops = [r["op"] for r in doc["rows"]]
-    assert ops == ["gpt2_train_step", "gpt2_generate"]
+    assert ops == ["gpt2_train_step", "gpt2_generate", "gpt2_generate_int8"]
     train = doc["rows"][0]
     assert train["unit"] == "tokens/s" and train["extra"]["roofline_tokens_per_s"] > 0
     gen = doc["rows"][1]
