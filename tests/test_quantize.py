@@ -94,9 +94,10 @@ def int8_problems(draw):
 def test_kernel_matches_reference_on_every_isa(problem, data):
     x, q, s, b = problem
     isa = data.draw(st.sampled_from(_cpu.available_isas()))
+    packed = data.draw(st.booleans())              # q as stored, or in the kernel's packed layout
     previous = _cpu.set_isa(isa)
     try:
-        y = _cpu.matmul_int8(x, q, s, bias=b)
+        y = _cpu.matmul_int8(x, linear.pack_int8(q) if packed else q, s, bias=b)
     finally:
         _cpu.set_isa(previous)
     assert y.dtype == np.float32 and y.shape == (x.shape[0], q.shape[1])
@@ -180,6 +181,29 @@ def test_results_do_not_depend_on_the_thread_count(M):
     finally:
         _cpu.set_num_threads(before)
     assert np.array_equal(y1, y4)
+
+
+def test_pack_int8_layout():
+    q = np.arange(5 * 70, dtype=np.int64).reshape(5, 70).astype(np.int8)
+    p = linear.pack_int8(q)
+    assert p.shape == (2, 5, 64) and p.flags.c_contiguous
+    assert np.array_equal(p[0], q[:, :64]) and np.array_equal(p[1, :, :6], q[:, 64:])
+    assert np.all(p[1, :, 6:] == 0)
+
+
+@needs_cpu
+def test_packed_and_plain_layouts_agree_bitwise():
+    rng = np.random.default_rng(5)
+    for M in (1, 3, 8, 9, 33):
+        K, N = 97, 131
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        q = rng.integers(-127, 128, size=(K, N)).astype(np.int8)
+        s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+        assert np.array_equal(_cpu.matmul_int8(x, q, s), _cpu.matmul_int8(x, linear.pack_int8(q), s))
+    with pytest.raises(ValueError, match=r"packed q must have shape \(3, 97, 64\)"):
+        _cpu.matmul_int8(x, np.zeros((2, 97, 64), np.int8), s)
+    with pytest.raises(ValueError, match="inner dimensions differ"):
+        _cpu.matmul_int8(x, np.zeros((3, 96, 64), np.int8), s)
 
 
 @needs_cpu

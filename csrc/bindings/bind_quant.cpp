@@ -42,13 +42,27 @@ py::array matmul_int8(const py::object& x_o, const py::object& q_o, const py::ob
     py::array q = typed(q_o, "q", true);
     py::array s = typed(s_o, "scale", false);
     if (x.ndim() != 2) throw py::value_error(std::string(kFn) + ": x must be 2-D (M, K), got shape " + shape_str(x));
-    if (q.ndim() != 2) throw py::value_error(std::string(kFn) + ": q must be 2-D (K, N), got shape " + shape_str(q));
-    const index_t M = x.shape(0), K = x.shape(1), N = q.shape(1);
-    if (q.shape(0) != K) {
-        throw py::value_error(std::string(kFn) + ": inner dimensions differ: x is " + shape_str(x) +
-                              ", q is " + shape_str(q));
+    // q: (K, N), or packed (⌈N/64⌉, K, 64) with N = len(scale)
+    const bool packed = q.ndim() == 3;
+    if (q.ndim() != 2 && !packed) {
+        throw py::value_error(std::string(kFn) + ": q must be 2-D (K, N) or packed 3-D (ceil(N/64), K, 64), got shape " +
+                              shape_str(q));
     }
-    if (s.ndim() != 1 || s.shape(0) != N) {
+    if (s.ndim() != 1) throw py::value_error(std::string(kFn) + ": scale must be 1-D, got shape " + shape_str(s));
+    const index_t M = x.shape(0), K = x.shape(1);
+    const index_t N = packed ? s.shape(0) : q.shape(1);
+    const index_t qk = packed ? q.shape(1) : q.shape(0);
+    if (qk != K) {
+        throw py::value_error(std::string(kFn) + ": inner dimensions differ: x is " + shape_str(x) +
+                              ", q is " + shape_str(q) + (packed ? " (packed)" : ""));
+    }
+    if (packed && (q.shape(2) != nc::kInt8PackCols || q.shape(0) != (N + nc::kInt8PackCols - 1) / nc::kInt8PackCols)) {
+        throw py::value_error(std::string(kFn) + ": packed q must have shape (" +
+                              std::to_string((N + nc::kInt8PackCols - 1) / nc::kInt8PackCols) + ", " +
+                              std::to_string(K) + ", " + std::to_string(nc::kInt8PackCols) + ") for " +
+                              std::to_string(N) + " columns (len(scale)), got " + shape_str(q));
+    }
+    if (s.shape(0) != N) {
         throw py::value_error(std::string(kFn) + ": scale must have shape (" + std::to_string(N) +
                               ",) (one per column of q " + shape_str(q) + "), got " + shape_str(s));
     }
@@ -71,7 +85,7 @@ py::array matmul_int8(const py::object& x_o, const py::object& q_o, const py::ob
     float* yp = y.mutable_data();
     {
         py::gil_scoped_release release;
-        nc::matmul_int8(xp, qp, sp, bias, yp, M, K, N);
+        nc::matmul_int8(xp, qp, packed, sp, bias, yp, M, K, N);
     }
     return y;
 }
@@ -83,10 +97,13 @@ void register_quant(py::module_& m) {
           py::arg("bias") = py::none(),
           R"doc((x @ q.astype(float32)) * scale + bias: a linear layer with int8 weights.
 
-x: (M, K) float32; q: (K, N) int8 (one output channel per column); scale: (N,)
-float32, the per-column dequantization scale; bias: (N,) float32 or None. All
-C-contiguous. Returns a new (M, N) float32 array. Up to 8 rows stream q once,
-converting to float in registers; more rows run the blocked float GEMM on an
-exact float copy of q.)doc");
+x: (M, K) float32; q: (K, N) int8 (one output channel per column), or the same
+packed as (ceil(N/64), K, 64) (numformer.ops.linear.pack_int8: 64-column blocks,
+each K contiguous rows, the last zero-padded), which the few-rows path reads
+sequentially; scale: (N,) float32, the per-column dequantization scale; bias:
+(N,) float32 or None. All C-contiguous. Returns a new (M, N) float32 array. Up
+to 8 rows stream q once, converting to float in registers; more rows run the
+blocked float GEMM on an exact float copy of q.)doc");
+    m.attr("int8_pack_cols") = nc::kInt8PackCols;
     m.attr("int8_stream_rows") = nc::kInt8StreamRows;
 }

@@ -71,6 +71,7 @@ namespace {
 constexpr int kLanes = 16;              // floats per vector (64 bytes)
 constexpr int kNV = 4;                  // vectors per column block
 constexpr index_t kNB = kLanes * kNV;   // 64 columns per block
+static_assert(kNB == kInt8PackCols, "the packed layout's block is one column block");
 constexpr int kMR = 4;                  // rows per register tile
 // Prefetch q this many rows ahead. A block reads one 64-byte line per row of
 // q, N bytes apart: with N ≥ 2048 that is one line per 4 KiB page, which the
@@ -143,19 +144,20 @@ NF_POP_TARGET
 #else
 namespace generic {
 // Without vector extensions: the same product on scalars.
-inline void stream_blocks(const float* x, const std::int8_t* q, const float* s, const float* b, float* y,
-                          index_t M, index_t K, index_t N, index_t blk0, index_t blk1) {
+inline void stream_blocks(const float* x, const std::int8_t* q, bool packed, const float* s, const float* b,
+                          float* y, index_t M, index_t K, index_t N, index_t blk0, index_t blk1) {
     for (index_t i = 0; i < M; ++i)
         for (index_t j = blk0 * kNB; j < std::min(N, blk1 * kNB); ++j) {
             float acc = 0.0f;
-            for (index_t p = 0; p < K; ++p) acc += x[i * K + p] * float(q[p * N + j]);
+            for (index_t p = 0; p < K; ++p)
+                acc += x[i * K + p] * float(packed ? q[((j / kNB) * K + p) * kNB + j % kNB] : q[p * N + j]);
             y[i * N + j] = acc * s[j] + (b != nullptr ? b[j] : 0.0f);
         }
 }
 }  // namespace generic
 #endif
 
-using StreamFn = void (*)(const float*, const std::int8_t*, const float*, const float*, float*, index_t,
+using StreamFn = void (*)(const float*, const std::int8_t*, bool, const float*, const float*, float*, index_t,
                           index_t, index_t, index_t, index_t);
 
 StreamFn stream_for(Isa isa) {
@@ -167,12 +169,26 @@ StreamFn stream_for(Isa isa) {
     return generic::stream_blocks;
 }
 
-// float(q) for rows [r0, r1) of q: exact, vectorised by the compiler.
+// float(q) for elements [i0, i1) of a (K, N) q: exact, vectorised by the compiler.
 struct Int8ToFloat {
     static NF_INLINE void run(const std::int8_t* q, float* out, index_t i0, index_t i1) {
         const std::int8_t* NF_RESTRICT src = q;
         float* NF_RESTRICT dst = out;
         for (index_t i = i0; i < i1; ++i) dst[i] = float(src[i]);
+    }
+};
+
+// The same from the packed layout, for rows [p0, p1) of q.
+struct PackedToFloat {
+    static NF_INLINE void run(const std::int8_t* q, float* out, index_t K, index_t N, index_t p0,
+                              index_t p1) {
+        for (index_t p = p0; p < p1; ++p)
+            for (index_t j0 = 0; j0 < N; j0 += kNB) {
+                const std::int8_t* NF_RESTRICT src = q + ((j0 / kNB) * K + p) * kNB;
+                float* NF_RESTRICT dst = out + p * N + j0;
+                const index_t cols = std::min(kNB, N - j0);
+                for (index_t j = 0; j < cols; ++j) dst[j] = float(src[j]);
+            }
     }
 };
 
@@ -195,7 +211,7 @@ struct ScaleBias {
 
 }  // namespace
 
-void matmul_int8(const float* x, const std::int8_t* q, const float* scale, const float* bias,
+void matmul_int8(const float* x, const std::int8_t* q, bool packed, const float* scale, const float* bias,
                  float* y, index_t M, index_t K, index_t N) {
     if (M == 0 || N == 0) return;
     const Isa isa = active_isa();
@@ -209,7 +225,7 @@ void matmul_int8(const float* x, const std::int8_t* q, const float* scale, const
         const index_t grain = std::max<index_t>(1, kStreamGrainBytes / (K * kNB));
         const StreamFn stream = stream_for(isa);
         parallel_ranges(blocks, grain, [&](index_t b0, index_t b1) {
-            stream(x, q, scale, bias, y, M, K, N, b0, b1);
+            stream(x, q, packed, scale, bias, y, M, K, N, b0, b1);
         });
         return;
     }
@@ -218,9 +234,14 @@ void matmul_int8(const float* x, const std::int8_t* q, const float* scale, const
     const index_t kn = K * N;
     if (index_t(scratch.size()) < kn) scratch.resize(size_t(kn));
     float* qf = scratch.data();
-    parallel_ranges(kn, kParallelWork, [&](index_t i0, index_t i1) {
-        run_isa<Int8ToFloat>(isa, q, qf, i0, i1);
-    });
+    if (packed)
+        parallel_ranges(K, std::max<index_t>(1, kParallelWork / N), [&](index_t p0, index_t p1) {
+            run_isa<PackedToFloat>(isa, q, qf, K, N, p0, p1);
+        });
+    else
+        parallel_ranges(kn, kParallelWork, [&](index_t i0, index_t i1) {
+            run_isa<Int8ToFloat>(isa, q, qf, i0, i1);
+        });
     GemmProblem<float> pr;
     pr.m = M;
     pr.n = N;

@@ -17,8 +17,14 @@
 
 namespace numformer::cpu {
 
-void matmul_int8(const float* x, const std::int8_t* q, const float* scale, const float* bias,
+// packed: q is stored as (⌈N/64⌉, K, 64) — column block b (columns 64b …
+// 64b+63, the last one zero-padded) as K contiguous rows of 64 bytes — so
+// that the M ≤ 8 path reads it sequentially (see quant.cpp). Otherwise (K, N).
+void matmul_int8(const float* x, const std::int8_t* q, bool packed, const float* scale, const float* bias,
                  float* y, index_t M, index_t K, index_t N);
+
+// Columns per block of the packed layout.
+constexpr index_t kInt8PackCols = 64;
 
 // Products with at most this many rows stream q (see quant.cpp); larger ones
 // convert q to float once and run the blocked float GEMM.

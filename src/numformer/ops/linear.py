@@ -76,11 +76,31 @@ def int8_matmul_reference(x: np.ndarray, q: np.ndarray, scale: np.ndarray,
     return out if b is None else out + b
 
 
-def forward_int8(x: np.ndarray, q: np.ndarray, scale: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+PACK_COLS = 64   # columns per block of the packed layout (numformer._cpu.int8_pack_cols)
+
+
+def pack_int8(q: np.ndarray) -> np.ndarray:
+    """q: (K, N) int8 -> (⌈N/64⌉, K, 64): 64-column blocks, each K contiguous rows.
+
+    The kernel's few-rows path walks down one 64-column block at a time; in
+    q's own layout that is one 64-byte line every N bytes (a stride the
+    hardware prefetchers do not follow), packed it is one sequential stream.
+    The last block's missing columns are zero.
+    """
+    K, N = q.shape
+    nb = -(-N // PACK_COLS)
+    padded = np.zeros((K, nb * PACK_COLS), np.int8)
+    padded[:, :N] = q
+    return np.ascontiguousarray(padded.reshape(K, nb, PACK_COLS).transpose(1, 0, 2))   # (nb, K, 64)
+
+
+def forward_int8(x: np.ndarray, q: np.ndarray, scale: np.ndarray, b: np.ndarray | None,
+                 packed: np.ndarray | None = None) -> np.ndarray:
     """x: (..., C_in) float32, q: (C_in, C_out) int8, scale: (C_out,), b: (C_out,) or None
-    -> out (..., C_out) = x @ (q ⊙ scale) + b. Inference only: no cache, no backward."""
+    -> out (..., C_out) = x @ (q ⊙ scale) + b. Inference only: no cache, no backward.
+    ``packed``: :func:`pack_int8` of q, used by the compiled kernel when given."""
     if x.shape[-1] != q.shape[0]:
         raise ValueError(f"linear: x has {x.shape[-1]} features but the int8 weight is {q.shape}")
     x2 = x.reshape(-1, x.shape[-1])                          # (N, C_in)
-    out = backend.matmul_int8(x2, q, scale, bias=b)          # (N, C_out)
+    out = backend.matmul_int8(x2, q, scale, bias=b, packed=packed)   # (N, C_out)
     return out.reshape(x.shape[:-1] + (q.shape[1],))
