@@ -151,13 +151,22 @@ def _products(model: GPT2, qmodel, runs: int) -> dict:
         for n in names:
             cpu.matmul(xs[n], model.params[n])
 
-    def int8_linears():
+    from numformer.ops.linear import pack_int8
+
+    packed = {n: pack_int8(qmodel.qweights[n][0]) for n in names}
+
+    def int8_linears_plain():                     # q as stored, (K, N)
         for n in names:
             q, s = qmodel.qweights[n]
             cpu.matmul_int8(xs[n], q, s)
 
+    def int8_linears():                           # the packed layout the model uses
+        for n in names:
+            cpu.matmul_int8(xs[n], packed[n], qmodel.qweights[n][1])
+
     wte = model.params["wte.weight"]
     q_head, s_head = quantize_weight(np.ascontiguousarray(wte.T))   # (C, V): what an int8 head would read
+    q_head = pack_int8(q_head)
 
     def float_head():
         cpu.matmul(x, wte, False, True)
@@ -165,7 +174,7 @@ def _products(model: GPT2, qmodel, runs: int) -> dict:
     def int8_head():
         cpu.matmul_int8(x, q_head, s_head)
 
-    fns = {"linears_float32": float_linears, "linears_int8": int8_linears,
+    fns = {"linears_float32": float_linears, "linears_int8": int8_linears, "linears_int8_unpacked": int8_linears_plain,
            "head_float32": float_head, "head_int8_hypothetical": int8_head}
     times = {k: [] for k in fns}
     for f in fns.values():
@@ -177,7 +186,8 @@ def _products(model: GPT2, qmodel, runs: int) -> dict:
     res["linear_bytes_float32"] = int(sum(model.params[n].nbytes for n in names))
     res["linear_bytes_int8"] = int(sum(qmodel.qweights[n][0].nbytes for n in names))
     res["head_bytes_float32"] = int(wte.nbytes)
-    print(f"products (CPU ms): linears f32 {res['linears_float32'] * 1e3:.1f}, int8 {res['linears_int8'] * 1e3:.1f}; "
+    print(f"products (CPU ms): linears f32 {res['linears_float32'] * 1e3:.1f}, int8 {res['linears_int8'] * 1e3:.1f} "
+          f"(not packed {res['linears_int8_unpacked'] * 1e3:.1f}); "
           f"head f32 {res['head_float32'] * 1e3:.1f}, int8 (hypothetical) {res['head_int8_hypothetical'] * 1e3:.1f}",
           file=sys.stderr)
     return res
@@ -228,6 +238,8 @@ def markdown(doc: dict) -> str:
         if p:
             lines += [f"| 48 linear products, M = 1 (CPU ms) | {p['linears_float32'] * 1e3:.2f} | "
                       f"{p['linears_int8'] * 1e3:.2f} | {p['linears_float32'] / p['linears_int8']:.2f} |",
+                      f"| the same, q not packed (K, N) (CPU ms) | | {p['linears_int8_unpacked'] * 1e3:.2f} | "
+                      f"{p['linears_float32'] / p['linears_int8_unpacked']:.2f} |",
                       f"| LM head x·wteᵀ, M = 1 (CPU ms) | {p['head_float32'] * 1e3:.2f} | "
                       f"{p['head_int8_hypothetical'] * 1e3:.2f} (if it were int8) | "
                       f"{p['head_float32'] / p['head_int8_hypothetical']:.2f} |"]
@@ -249,7 +261,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="kernel threads (default 1: CPU time is then the robust measure on a shared machine)")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--out", default="bench-results")

@@ -8,8 +8,9 @@ By the standard bound for a sum of K rounded products in any order
 
     |y − ref| ≤ (K + 2)·eps·(s·(|x| @ |q|) + |b|) + (K + 2)·tiny
 
-with eps = 2⁻²⁴ (float32 unit roundoff ×2 is still within (K+2)·eps) and a
-``tiny`` absolute term for results in the subnormal range. The observed
+with eps = 2⁻²³ (float32 machine epsilon, twice the unit roundoff u, so
+(K+2)·eps ≥ γ_{K+2} = (K+2)u/(1−(K+2)u) for any K we test) and a ``tiny``
+absolute term for results in the subnormal range. The observed
 error is ~√K·eps relative; a wrong index, lost column or missed scale is
 orders of magnitude above the bound.
 """
