@@ -269,10 +269,10 @@ def test_bench_command_model_rows_tiny(tmp_path, capsys):
     assert rc == 0
     doc = json.loads((tmp_path / "bench.json").read_text(encoding="utf-8"))
     ops = [r["op"] for r in doc["rows"]]
-    assert ops == ["gpt2_train_step", "gpt2_generate", "gpt2_generate"]
+    assert ops == ["gpt2_train_step", "gpt2_generate", "gpt2_generate", "gpt2_generate_int8"]
     train = doc["rows"][0]
     assert train["unit"] == "tokens/s" and train["extra"]["roofline_tokens_per_s"] > 0
-    for gen, (batch, new) in zip(doc["rows"][1:], [(1, 4), (2, 3)]):   # Sizes.tiny: batch 1 and 2
+    for gen, (batch, new) in zip(doc["rows"][1:], [(1, 4), (2, 3), (1, 4)]):   # Sizes.tiny: batch 1 and 2
         assert gen["shape"] == [batch, 4, new] and gen["work"] == batch * new
         assert "time_to_first_token_s" in gen["extra"]
     if train["ours_s"] is not None:

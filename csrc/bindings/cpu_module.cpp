@@ -36,6 +36,7 @@ using nc::index_t;
 
 // Fused non-GEMM kernels (LayerNorm, GELU, cross-entropy, embedding, optimizers).
 void register_fused(py::module_& m);  // bind_fused.cpp
+void register_quant(py::module_& m);  // bind_quant.cpp: int8-weight matmul
 
 namespace {
 
@@ -353,6 +354,7 @@ with no finite entry (fully masked) gives all zeros; a row containing NaN or
     register_fused(m);
     m.attr("__build_info__") = nc::build_info();
     register_bpe(m);
+    register_quant(m);
 
     m.def("measure_fma_peak",
           [](double seconds, int threads) {

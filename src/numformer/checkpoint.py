@@ -76,10 +76,18 @@ def resolve(path: str) -> str:
 
 
 def load_model(path: str, dtype=np.float32) -> GPT2:
-    """Load a GPT-2 from a checkpoint folder, checking every tensor's name and shape."""
+    """Load a GPT-2 from a checkpoint folder, checking every tensor's name and shape.
+
+    An int8 folder written by ``numformer quantize`` loads as a
+    :class:`numformer.quantize.QuantizedGPT2` (inference only)."""
     path = resolve(path)
+    raw_cfg = _read_json(os.path.join(path, CONFIG_FILE))
+    if isinstance(raw_cfg, dict) and "quantization" in raw_cfg:      # an int8 folder (numformer quantize)
+        from numformer.quantize import load_quantized
+
+        return load_quantized(path, raw_cfg, dtype=dtype)
     try:
-        cfg = GPT2Config.from_dict(_read_json(os.path.join(path, CONFIG_FILE)))
+        cfg = GPT2Config.from_dict(raw_cfg)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, CheckpointError):
             raise

@@ -3,6 +3,7 @@
     numformer train [--config FILE] [--data FILE] [--out DIR] [--resume DIR] [--n-layer N ...]
     numformer sample --checkpoint DIR [--prompt TEXT ... | --prompts-file FILE] [--stream]
                      [--max-new-tokens N --temperature T --top-k K --top-p P --seed S --num-samples N]
+    numformer quantize --checkpoint IN --out OUT
     numformer tokenize --tokenizer PATH TEXT
     numformer gradcheck
     numformer bench [--quick] [--filter TEXT] [--threads N] [--json PATH] [--out DIR]
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(metavar="COMMAND")
     _add_train(sub)
     _add_sample(sub)
+    _add_quantize(sub)
     _add_bench(sub)
     _add_tokenize(sub)
     _add_embed(sub)
@@ -317,6 +319,29 @@ def _rows_one_at_a_time(model, ids, max_new_tokens, seeds, reasons, sampling):
                 reasons[row] = "length"
             yield row, token
         reasons[row] = reasons[row] or "length"
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="int8 weight-only copy of a GPT-2 checkpoint (inference only)")
+    p.add_argument("--checkpoint", required=True, metavar="IN",
+                   help="numformer checkpoint (or training output folder) or Hugging Face GPT-2 folder")
+    p.add_argument("--out", required=True, metavar="OUT", help="folder to write (replaced atomically)")
+    p.set_defaults(run=run_quantize)
+
+
+def run_quantize(args) -> int:
+    from numformer.quantize import quantize_checkpoint
+
+    info = quantize_checkpoint(args.checkpoint, args.out)
+    src = info["source_bytes"]
+    ratio = f" ({info['int8_bytes'] / src:.2f}x of {src / 1e6:.1f} MB)" if src else ""
+    print(f"wrote {args.out}: {info['int8_bytes'] / 1e6:.1f} MB{ratio}; "
+          f"{info['quantized_params']:,} weights int8, {info['float_params']:,} float32; "
+          f"max per-channel error |w - q*s| / max|w| = {info['max_rel_error']:.2e}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- bench

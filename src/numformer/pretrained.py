@@ -252,9 +252,14 @@ def _read_tensor(f, file: str, name: str, entry: dict, data_start: int) -> np.nd
 
 
 def load_gpt2(path: str | os.PathLike, dtype=np.float32) -> GPT2:
-    """Load a Hugging Face GPT-2 folder (or a numformer checkpoint folder) into a :class:`GPT2`."""
+    """Load a Hugging Face GPT-2 folder (or a numformer checkpoint folder) into a :class:`GPT2`
+    (an int8 folder from ``numformer quantize``: a :class:`numformer.quantize.QuantizedGPT2`)."""
     path = os.fspath(path)
     raw_cfg = read_config(path)
+    if "quantization" in raw_cfg:                     # an int8 folder written by numformer quantize
+        from numformer.quantize import load_quantized
+
+        return load_quantized(path, raw_cfg, dtype=dtype)
     cfg = gpt2_config_from_hf(raw_cfg, os.path.join(path, CONFIG))
     flat, lm_head = read_gpt2_weights(path, cfg, ParamLayout(param_shapes(cfg)), dtype)
     model = GPT2(cfg, flat)

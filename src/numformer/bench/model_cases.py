@@ -166,7 +166,8 @@ def _greedy(model, prompts: np.ndarray, new: int) -> list:
     return generate_batch(model, prompts.tolist(), new, temperature=0.0)
 
 
-def generate_case(sizes: Sizes, batch: int = 1, use_torch: bool = True) -> Case:
+def generate_case(sizes: Sizes, batch: int = 1, use_torch: bool = True, int8: bool = False) -> Case:
+    """``int8=True``: ours runs the same model with int8 linear weights (numformer.quantize)."""
     P = sizes.gen_prompt
     N = sizes.gen_new if batch == 1 else sizes.gen_new_batched
 
@@ -175,13 +176,17 @@ def generate_case(sizes: Sizes, batch: int = 1, use_torch: bool = True) -> Case:
 
         cfg = _config(sizes)
         model = GPT2.init(cfg, seed=0)
+        if int8:
+            from numformer.quantize import quantize_model
+
+            model = quantize_model(model)
         prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch, P))
         impls: dict = {}
         first: dict = {}
         if cpu_module() is not None:
             impls["ours"] = _ours(lambda: _greedy(model, prompts, N))
             first["ours"] = _ours(lambda: _greedy(model, prompts, 1))
-        if sizes.gen_numpy:
+        if sizes.gen_numpy and not int8:
             impls["numpy"] = _numpy(lambda: _greedy(model, prompts, N))
             first["numpy"] = _numpy(lambda: _greedy(model, prompts, 1))
         if use_torch and transformers_module() is not None:
@@ -202,12 +207,17 @@ def generate_case(sizes: Sizes, batch: int = 1, use_torch: bool = True) -> Case:
         impls["_first_token"] = first
         return impls
 
-    return Case("gpt2_generate", _describe(sizes), [batch, P, N], "greedy", "tokens/s", float(batch * N),
+    return Case("gpt2_generate_int8" if int8 else "gpt2_generate", _describe(sizes), [batch, P, N], "greedy",
+                "tokens/s", float(batch * N),
                 setup, None, min_runs=sizes.model_runs, max_runs=sizes.model_runs, warmup=0, kind="model",
-                notes=f"KV cache, batch {batch}, {P}-token prompt + {N} new; torch = HF generate()",
+                notes=f"KV cache, batch {batch}, {P}-token prompt + {N} new; torch = HF generate()"
+                      + ("; ours = int8 weight-only (numformer quantize), torch float32" if int8 else ""),
                 extra={"params": num_params(sizes)})
 
 
 def model_cases(sizes: Sizes, use_torch: bool = True) -> list[Case]:
     cases = [train_case(sizes, use_torch)] if sizes.train else []
-    return cases + [generate_case(sizes, b, use_torch) for b in sizes.gen_batches]
+    gen = [generate_case(sizes, b, use_torch) for b in sizes.gen_batches]
+    # int8 at batch 1 only: that is where weight traffic bounds the speed (and
+    # a second batch-8 row with HF generate() would cost the suite a minute)
+    return cases + gen + [generate_case(sizes, 1, use_torch, int8=True)]

@@ -275,7 +275,7 @@ class GPT2:
         C = cfg.n_embd
         # --- attention branch: x = x + drop(c_proj(attn(c_attn(ln_1(x)))))
         a_in, ln1_c = layernorm.forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], cfg.layer_norm_epsilon)
-        qkv, qkv_c = linear.forward(a_in, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])  # (B,T,3C)
+        qkv, qkv_c = self._linear(a_in, h + "attn.c_attn")                     # (B, T, 3C)
         q = attention.split_heads(qkv[..., :C], cfg.n_head)                   # (B, H, T, D)
         k = attention.split_heads(qkv[..., C:2 * C], cfg.n_head)
         v = attention.split_heads(qkv[..., 2 * C:], cfg.n_head)
@@ -287,17 +287,22 @@ class GPT2:
             v = kv_cache.v[i][:, :, :pos0 + T]
         att, att_c = attention.forward(q, k, v, causal=True, key_mask=key_mask)  # (B, H, T, D)
         att = attention.merge_heads(att)                                       # (B, T, C)
-        a_out, proj_c = linear.forward(att, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
+        a_out, proj_c = self._linear(att, h + "attn.c_proj")                   # (B, T, C)
         a_out, drop1_c = dropout.forward(a_out, drop, rng, train)
         x = x + a_out
         # --- MLP branch: x = x + drop(c_proj(gelu(c_fc(ln_2(x)))))
         m_in, ln2_c = layernorm.forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], cfg.layer_norm_epsilon)
-        f, fc_c = linear.forward(m_in, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])  # (B, T, n_inner)
+        f, fc_c = self._linear(m_in, h + "mlp.c_fc")                           # (B, T, n_inner)
         g, gelu_c = gelu.forward(f, act)
-        m_out, mproj_c = linear.forward(g, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
+        m_out, mproj_c = self._linear(g, h + "mlp.c_proj")                     # (B, T, C)
         m_out, drop2_c = dropout.forward(m_out, drop, rng, train)
         x = x + m_out
         return x, (ln1_c, qkv_c, att_c, proj_c, drop1_c, ln2_c, fc_c, gelu_c, mproj_c, drop2_c)
+
+    def _linear(self, x, module: str):
+        """The Conv1D layer ``module`` (e.g. ``"h.0.mlp.c_fc"``): x (..., in) -> (..., out), cache.
+        (numformer.quantize.QuantizedGPT2 overrides this to run int8 weights.)"""
+        return linear.forward(x, self.params[module + ".weight"], self.params[module + ".bias"])
 
     # -------------------------------------------------------------- backward
     def backward(self, cache, grads: np.ndarray | None = None, dloss: float = 1.0, *,
