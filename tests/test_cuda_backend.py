@@ -1,0 +1,130 @@
+"""The ``cuda`` backend choice and numformer._cuda on a machine without a GPU.
+
+Without a device, asking for ``cuda`` must fail with a clear message and
+``numformer._cuda`` (when built) must import and raise "no CUDA device".
+The routing in numformer.backend for ``cuda`` is exercised by standing the
+CPU emulator (numformer._cuda_emu, same kernel source) in for the device
+module: tests with ``emu`` in the name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from numformer import backend
+
+
+@pytest.fixture
+def reset_cuda_probe(monkeypatch):
+    """Let a test set what backend._load_cuda finds, and restore it after."""
+    monkeypatch.setattr(backend, "_cuda_probed", False)
+    monkeypatch.setattr(backend, "_cuda_module", None)
+    monkeypatch.setattr(backend, "_cuda_error", None)
+    yield monkeypatch
+
+
+def _has_gpu() -> bool:
+    try:
+        from numformer import _cuda
+    except ImportError:
+        return False
+    return _cuda.device_count() > 0
+
+
+@pytest.mark.skipif(_has_gpu(), reason="a GPU is present: the no-device behaviour cannot be observed")
+def test_cuda_backend_without_device_is_a_clear_error(reset_cuda_probe):
+    assert not backend.cuda_available()
+    with pytest.raises(RuntimeError, match="backend 'cuda' was requested but numformer._cuda"):
+        with backend.use("cuda"):
+            pass
+    reset_cuda_probe.setenv("NUMFORMER_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="(no CUDA device|is not built)"):
+        backend.current()
+
+
+def test_default_backend_is_never_cuda(reset_cuda_probe):
+    reset_cuda_probe.delenv("NUMFORMER_BACKEND", raising=False)
+    assert backend.current() in ("cpu", "numpy")
+    with pytest.raises(ValueError, match="numpy, cpu, cuda"):
+        backend.use("gpu").__enter__()
+
+
+@pytest.mark.skipif(_has_gpu(), reason="a GPU is present")
+def test_cuda_module_imports_and_raises_without_device():
+    _cuda = pytest.importorskip("numformer._cuda", reason="numformer._cuda is not built (no nvcc)")
+    assert _cuda.device_count() == 0
+    assert "architectures" in _cuda.build_info()
+    x = np.zeros((2, 3), np.float32)
+    for call in (lambda: _cuda.to_device(x), lambda: _cuda.empty((2, 2)), lambda: _cuda.synchronize(),
+                 lambda: _cuda.softmax_forward(x), lambda: _cuda.matmul(x, x.T)):
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            call()
+
+
+class _EmulatorAsDevice:
+    """numformer._cuda's interface over the emulator: 'device arrays' are NumPy copies."""
+
+    def __init__(self, emu):
+        self._emu = emu
+
+    def __getattr__(self, name):
+        return getattr(self._emu, name)
+
+    @staticmethod
+    def device_count():
+        return 1
+
+    @staticmethod
+    def to_device(a):
+        return np.array(a, copy=True, order="C")
+
+
+@pytest.fixture
+def emulated_cuda(reset_cuda_probe):
+    emu = pytest.importorskip("numformer._cuda_emu", reason="numformer._cuda_emu is not built")
+    reset_cuda_probe.setattr(backend, "_cuda_probed", True)
+    reset_cuda_probe.setattr(backend, "_cuda_module", _EmulatorAsDevice(emu))
+    with backend.use("cuda"):
+        yield
+
+
+def test_emu_backend_cuda_routes_matmul_softmax_attention(emulated_cuda):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 9, 5)).astype(np.float32)
+    b = rng.standard_normal((2, 7, 5)).astype(np.float32)
+    np.testing.assert_allclose(backend.matmul(a, b, trans_b=True), a @ b.transpose(0, 2, 1), atol=1e-5)
+    w = rng.standard_normal((5, 3)).astype(np.float32)
+    np.testing.assert_allclose(backend.matmul(a[0], w.T.T), a[0] @ w, atol=1e-5)        # transposed view
+    out = np.ones((9, 3), np.float32)
+    r = backend.matmul(a[0], w, out=out, accumulate=True, bias=np.ones(3, np.float32))
+    assert r is out
+    np.testing.assert_allclose(out, a[0] @ w + 2, atol=1e-5)
+
+    x = rng.standard_normal((2, 4, 6)).astype(np.float32)
+    mask = np.where(rng.random((4, 6)) < 0.3, -np.inf, 0).astype(np.float32)
+    with backend.use("numpy"):
+        want = backend.softmax(x, 0.5, mask, True)
+    y = backend.softmax(x, 0.5, mask, True)
+    np.testing.assert_allclose(y, want, atol=1e-6)
+    with backend.use("numpy"):
+        want_dx = backend.softmax_backward(x, y, 0.5)
+    np.testing.assert_allclose(backend.softmax_backward(x, y, 0.5), want_dx, atol=1e-6)
+
+    q = rng.standard_normal((1, 2, 5, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 7, 8)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 7, 8)).astype(np.float32)
+    km = np.array([[True, True, False, True, True, True, False]])
+    o, cache = backend.attention_forward(q, k, v, True, km)
+    assert cache[0] == "cuda"
+    grads = backend.attention_backward(np.ones_like(o), cache)
+    with backend.use("numpy"):
+        o_ref, c_ref = backend.attention_forward(q, k, v, True, km)
+        grads_ref = backend.attention_backward(np.ones_like(o), c_ref)
+    np.testing.assert_allclose(o, o_ref, atol=1e-5)
+    for g, gr in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, gr, atol=1e-5)
+
+    # float64 has no CUDA kernel: it runs on the CPU kernels (or NumPy), not an error
+    a64 = a[0].astype(np.float64)
+    np.testing.assert_allclose(backend.matmul(a64, a64.T), a64 @ a64.T)
