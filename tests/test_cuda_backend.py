@@ -128,3 +128,35 @@ def test_emu_backend_cuda_routes_matmul_softmax_attention(emulated_cuda):
     # float64 has no CUDA kernel: it runs on the CPU kernels (or NumPy), not an error
     a64 = a[0].astype(np.float64)
     np.testing.assert_allclose(backend.matmul(a64, a64.T), a64 @ a64.T)
+
+
+def test_emu_backend_cuda_gpt2_loss_and_grads_match_numpy(reset_cuda_probe):
+    """A whole GPT-2 step with every matmul/softmax/attention on the (emulated) CUDA kernels."""
+    emu = pytest.importorskip("numformer._cuda_emu", reason="numformer._cuda_emu is not built")
+    from numformer.models.gpt2 import GPT2, GPT2Config
+
+    cfg = GPT2Config(vocab_size=40, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    model = GPT2.init(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    ids, targets = rng.integers(0, 40, (2, 9)), rng.integers(0, 40, (2, 9))
+    with backend.use("numpy"):
+        loss_n, grads_n = model.loss_and_grads(ids, targets)
+    reset_cuda_probe.setattr(backend, "_cuda_probed", True)
+    reset_cuda_probe.setattr(backend, "_cuda_module", _EmulatorAsDevice(emu))
+    with backend.use("cuda"):
+        loss_c, grads_c = model.loss_and_grads(ids, targets)
+    assert abs(loss_n - loss_c) <= 1e-5 * abs(loss_n)
+    np.testing.assert_allclose(grads_c, grads_n, rtol=1e-3, atol=1e-5 * np.abs(grads_n).max())
+
+
+@pytest.mark.skipif(_has_gpu(), reason="a GPU is present: the benchmark would run")
+def test_cuda_benchmark_skips_cleanly_without_a_device(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cuda_kernels.py"
+    spec = importlib.util.spec_from_file_location("cuda_kernels_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([]) == 0
+    assert "skipped" in capsys.readouterr().out

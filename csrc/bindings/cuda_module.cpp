@@ -58,6 +58,10 @@ void require_device() {
         throw std::runtime_error("numformer._cuda: no CUDA device (" + why + ")");
 }
 
+// When false (benchmarks), operations return right after their launches;
+// errors inside kernels then surface at the next synchronize().
+bool g_synchronous = true;
+
 enum class DType { f32, u8 };
 
 // A dense row-major array in device memory. Copies share the allocation.
@@ -153,7 +157,9 @@ struct CudaPolicy {
         return r;
     }
     // Wait for the kernels and report any error they raised.
-    static void sync(const std::string& fn) { check(cudaDeviceSynchronize(), fn); }
+    static void sync(const std::string& fn) {
+        check(g_synchronous ? cudaDeviceSynchronize() : cudaGetLastError(), fn);
+    }
     static py::object to_py(const Array& a) { return py::cast(a); }
 };
 
@@ -199,6 +205,40 @@ PYBIND11_MODULE(_cuda, m) {
         py::gil_scoped_release nogil;
         check(cudaDeviceSynchronize(), "synchronize");
     });
+    m.def("set_synchronous", [](bool on) {
+        const bool old = g_synchronous;
+        g_synchronous = on;
+        return old;
+    }, py::arg("on"),
+          "True (default): every operation waits for its kernels, so errors are raised by the call that "
+          "caused them. False: operations return after launching (for timing); call synchronize(). "
+          "Returns the previous setting.");
+    m.def("measure_copy_bandwidth", [](std::size_t nbytes, int repeat) {
+        // Device-to-device copies timed with events: bytes read + written per
+        // second, the ceiling a memory-bound kernel (softmax) is measured against.
+        require_device();
+        if (nbytes == 0 || repeat < 1) throw py::value_error("measure_copy_bandwidth: nbytes and repeat must be > 0");
+        void *a = nullptr, *b = nullptr;
+        check(cudaMalloc(&a, nbytes), "cudaMalloc");
+        std::unique_ptr<void, void (*)(void*)> ga(a, [](void* p) { cudaFree(p); });
+        check(cudaMalloc(&b, nbytes), "cudaMalloc");
+        std::unique_ptr<void, void (*)(void*)> gb(b, [](void* p) { cudaFree(p); });
+        check(cudaMemset(a, 1, nbytes), "cudaMemset");
+        cudaEvent_t t0, t1;
+        check(cudaEventCreate(&t0), "cudaEventCreate");
+        check(cudaEventCreate(&t1), "cudaEventCreate");
+        check(cudaMemcpy(b, a, nbytes, cudaMemcpyDeviceToDevice), "warm-up copy");
+        check(cudaEventRecord(t0), "cudaEventRecord");
+        for (int i = 0; i < repeat; ++i) check(cudaMemcpyAsync(b, a, nbytes, cudaMemcpyDeviceToDevice), "copy");
+        check(cudaEventRecord(t1), "cudaEventRecord");
+        check(cudaEventSynchronize(t1), "cudaEventSynchronize");
+        float ms = 0;
+        check(cudaEventElapsedTime(&ms, t0, t1), "cudaEventElapsedTime");
+        cudaEventDestroy(t0);
+        cudaEventDestroy(t1);
+        return 2.0 * double(nbytes) * repeat / (double(ms) * 1e-3) / 1e9;  // GB/s
+    }, py::arg("nbytes") = std::size_t(1) << 30, py::arg("repeat") = 20,
+          "GB/s of device-to-device copies (bytes read + written).");
     ops::register_ops<CudaPolicy>(m);
     const std::string info = std::string("CUDA ") + NUMFORMER_CUDA_VERSION + ", architectures " + NUMFORMER_CUDA_ARCHS;
     m.def("build_info", [info] { return info; });
