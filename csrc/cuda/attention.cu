@@ -86,6 +86,12 @@ struct Visibility {
     }
 };
 
+// Four consecutive floats of a shared-memory row (16-byte aligned: every row
+// stride and tile offset is a multiple of 4 floats). One 128-bit shared load
+// instead of four: the inner loops below are bound by shared-memory
+// instructions, and a broadcast float4 feeds 4 FMAs per row.
+__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
 // Copy rows [r0, r0 + 32) of a (T, D) matrix into shared memory, zero past T
 // and in the padding columns D..DP: row-major dst[r][d] (stride DP) or
 // transposed dst[d][r] (stride TS). Consecutive threads read consecutive d:
@@ -141,12 +147,17 @@ attention_forward_kernel(AttentionArgs p, float* __restrict__ out, float* __rest
         stage_rows<DP>(Vs, false, V, j0, p.tk, D, 1.0f);
         __syncthreads();
 
-        // Scores of this warp's 8 rows against key j0 + lane.
+        // Scores of this warp's 8 rows against key j0 + lane, 4 dims per step
+        // (Qs and Kt are zero past D up to DP, a multiple of 32).
         float s[kRowsPerWarp];
         for (int r = 0; r < kRowsPerWarp; ++r) s[r] = 0.0f;
-        for (int d = 0; d < D; ++d) {
-            const float kd = Kt[d * TS + lane];
-            for (int r = 0; r < kRowsPerWarp; ++r) s[r] += Qs[(row0 + r) * DP + d] * kd;
+        for (int d = 0; d < D; d += 4) {
+            const float k0 = Kt[d * TS + lane], k1 = Kt[(d + 1) * TS + lane];
+            const float k2 = Kt[(d + 2) * TS + lane], k3 = Kt[(d + 3) * TS + lane];
+            for (int r = 0; r < kRowsPerWarp; ++r) {
+                const float4 q = ld4(Qs + (row0 + r) * DP + d);
+                s[r] += q.x * k0 + q.y * k1 + q.z * k2 + q.w * k3;
+            }
         }
         // Online softmax update, row by row.
         for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -164,13 +175,16 @@ attention_forward_kernel(AttentionArgs p, float* __restrict__ out, float* __rest
             P[r * BC + lane] = pr;
         }
         __syncwarp();
-        // o_i += Σ_j p_ij v_j: lane owns dims d = lane + 32c; p_ij is a broadcast read.
-        for (int j = 0; j < BC; ++j) {
-            float vj[NDV];
-            for (int c = 0; c < NDV; ++c) vj[c] = Vs[j * DP + lane + 32 * c];
+        // o_i += Σ_j p_ij v_j: lane owns dims d = lane + 32c; p_ij are broadcast
+        // reads, 4 keys at a time.
+        for (int j = 0; j < BC; j += 4) {
+            float vj[4][NDV];
+            for (int t = 0; t < 4; ++t)
+                for (int c = 0; c < NDV; ++c) vj[t][c] = Vs[(j + t) * DP + lane + 32 * c];
             for (int r = 0; r < kRowsPerWarp; ++r) {
-                const float pj = P[r * BC + j];
-                for (int c = 0; c < NDV; ++c) o[r][c] += pj * vj[c];
+                const float4 pj = ld4(P + r * BC + j);
+                for (int c = 0; c < NDV; ++c)
+                    o[r][c] += pj.x * vj[0][c] + pj.y * vj[1][c] + pj.z * vj[2][c] + pj.w * vj[3][c];
             }
         }
         __syncwarp();  // P is rewritten by the next tile
@@ -254,11 +268,16 @@ attention_dkdv_kernel(AttentionArgs p, const float* __restrict__ dout, const flo
         const float Di = i < p.tq ? Dv[i] : 0.0f;
         float s[kRowsPerWarp], dp[kRowsPerWarp];
         for (int r = 0; r < kRowsPerWarp; ++r) s[r] = dp[r] = 0.0f;
-        for (int d = 0; d < D; ++d) {
-            const float q = Qt[d * TS + lane], g = dOt[d * TS + lane];
+        for (int d = 0; d < D; d += 4) {
+            float q[4], g[4];
+            for (int t = 0; t < 4; ++t) {
+                q[t] = Qt[(d + t) * TS + lane];
+                g[t] = dOt[(d + t) * TS + lane];
+            }
             for (int r = 0; r < kRowsPerWarp; ++r) {
-                s[r] += q * Ks[(row0 + r) * DP + d];   // S_ij (scale folded into Q)
-                dp[r] += g * Vs[(row0 + r) * DP + d];  // dP_ij = dO_i · V_j
+                const float4 kk = ld4(Ks + (row0 + r) * DP + d), vv = ld4(Vs + (row0 + r) * DP + d);
+                s[r] += q[0] * kk.x + q[1] * kk.y + q[2] * kk.z + q[3] * kk.w;   // S_ij (scale folded into Q)
+                dp[r] += g[0] * vv.x + g[1] * vv.y + g[2] * vv.z + g[3] * vv.w;  // dP_ij = dO_i · V_j
             }
         }
         for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -268,17 +287,18 @@ attention_dkdv_kernel(AttentionArgs p, const float* __restrict__ dout, const flo
         }
         __syncwarp();
         // dV_j += Σ_i P_ij dO_i, dK_j += Σ_i dS_ij (s·Q_i): lane owns dims lane + 32c.
-        for (int ii = 0; ii < BR; ++ii) {
-            float g[NDV], q[NDV];
-            for (int c = 0; c < NDV; ++c) {
-                g[c] = dOt[(lane + 32 * c) * TS + ii];
-                q[c] = Qt[(lane + 32 * c) * TS + ii];
-            }
-            for (int r = 0; r < kRowsPerWarp; ++r) {
-                const float pj = P[r * BR + ii], dsj = dS[r * BR + ii];
+        for (int ii = 0; ii < BR; ii += 4) {
+            float g[4][NDV], q[4][NDV];
+            for (int t = 0; t < 4; ++t)
                 for (int c = 0; c < NDV; ++c) {
-                    acc_dv[r][c] += pj * g[c];
-                    acc_dk[r][c] += dsj * q[c];
+                    g[t][c] = dOt[(lane + 32 * c) * TS + ii + t];
+                    q[t][c] = Qt[(lane + 32 * c) * TS + ii + t];
+                }
+            for (int r = 0; r < kRowsPerWarp; ++r) {
+                const float4 pj = ld4(P + r * BR + ii), dsj = ld4(dS + r * BR + ii);
+                for (int c = 0; c < NDV; ++c) {
+                    acc_dv[r][c] += pj.x * g[0][c] + pj.y * g[1][c] + pj.z * g[2][c] + pj.w * g[3][c];
+                    acc_dk[r][c] += dsj.x * q[0][c] + dsj.y * q[1][c] + dsj.z * q[2][c] + dsj.w * q[3][c];
                 }
             }
         }
@@ -345,11 +365,16 @@ attention_dq_kernel(AttentionArgs p, const float* __restrict__ dout, const float
         // Lane j: key j0 + j against this warp's 8 queries.
         float s[kRowsPerWarp], dp[kRowsPerWarp];
         for (int r = 0; r < kRowsPerWarp; ++r) s[r] = dp[r] = 0.0f;
-        for (int d = 0; d < D; ++d) {
-            const float kd = Kt[d * TS + lane], vd = Vt[d * TS + lane];
+        for (int d = 0; d < D; d += 4) {
+            float kd[4], vd[4];
+            for (int t = 0; t < 4; ++t) {
+                kd[t] = Kt[(d + t) * TS + lane];
+                vd[t] = Vt[(d + t) * TS + lane];
+            }
             for (int r = 0; r < kRowsPerWarp; ++r) {
-                s[r] += Qs[(row0 + r) * DP + d] * kd;
-                dp[r] += dOs[(row0 + r) * DP + d] * vd;
+                const float4 q = ld4(Qs + (row0 + r) * DP + d), g = ld4(dOs + (row0 + r) * DP + d);
+                s[r] += q.x * kd[0] + q.y * kd[1] + q.z * kd[2] + q.w * kd[3];
+                dp[r] += g.x * vd[0] + g.y * vd[1] + g.z * vd[2] + g.w * vd[3];
             }
         }
         for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -358,12 +383,14 @@ attention_dq_kernel(AttentionArgs p, const float* __restrict__ dout, const float
         }
         __syncwarp();
         // dQ_i += Σ_j dS_ij K_j (times s at the end): lane owns dims lane + 32c.
-        for (int j = 0; j < BC; ++j) {
-            float kj[NDV];
-            for (int c = 0; c < NDV; ++c) kj[c] = Kt[(lane + 32 * c) * TS + j];
+        for (int j = 0; j < BC; j += 4) {
+            float kj[4][NDV];
+            for (int t = 0; t < 4; ++t)
+                for (int c = 0; c < NDV; ++c) kj[t][c] = Kt[(lane + 32 * c) * TS + j + t];
             for (int r = 0; r < kRowsPerWarp; ++r) {
-                const float dsj = dS[r * BC + j];
-                for (int c = 0; c < NDV; ++c) acc[r][c] += dsj * kj[c];
+                const float4 dsj = ld4(dS + r * BC + j);
+                for (int c = 0; c < NDV; ++c)
+                    acc[r][c] += dsj.x * kj[0][c] + dsj.y * kj[1][c] + dsj.z * kj[2][c] + dsj.w * kj[3][c];
             }
         }
         __syncwarp();
