@@ -5,7 +5,10 @@
 //   y_j = exp(z_j − m) / s,   m = max_j z_j,   s = Σ_j exp(z_j − m)
 //
 // Each lane walks the columns j = lane, lane + 32, … (a warp reads 32
-// consecutive floats per step: one 128-byte transaction) and keeps an
+// consecutive floats per step: one 128-byte transaction) — or, when the row
+// length is a multiple of 4 and the arrays are 16-byte aligned, float4
+// chunks j = 4·lane, 4·lane + 128, … (512 bytes per warp step, a quarter of
+// the load/store instructions) — and keeps an
 // *online* pair (m, s): a new z either raises the maximum, rescaling the sum
 // (s ← s·e^{m−z} + 1, m ← z), or adds e^{z−m}. The 32 pairs are merged by a
 // warp butterfly with the same rule, (m, s) ⊕ (m', s') = (M, s·e^{m−M} +
@@ -51,6 +54,26 @@ __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
     s = a + b;
 }
 
+// The W = 4 (float4) or W = 1 logits z_{j0..j0+W} of a row; causal-hidden
+// columns (j ≥ visible) are −inf.
+template <int W>
+__device__ __forceinline__ void load_logits(const float* xr, const float* mr, index_t j0, index_t visible,
+                                            float scale, float (&z)[W]) {
+    float xv[W], mv[W];
+    if constexpr (W == 4) {
+        const float4 a = *reinterpret_cast<const float4*>(xr + j0);
+        xv[0] = a.x, xv[1] = a.y, xv[2] = a.z, xv[3] = a.w;
+        const float4 b = mr ? *reinterpret_cast<const float4*>(mr + j0) : make_float4(0.f, 0.f, 0.f, 0.f);
+        mv[0] = b.x, mv[1] = b.y, mv[2] = b.z, mv[3] = b.w;
+    } else {
+        xv[0] = xr[j0];
+        mv[0] = mr ? mr[j0] : 0.0f;
+    }
+#pragma unroll
+    for (int t = 0; t < W; ++t) z[t] = j0 + t < visible ? scale * xv[t] + mv[t] : -INFINITY;
+}
+
+template <int W>
 __global__ void __launch_bounds__(32 * kSoftmaxWarps)
 softmax_forward_kernel(const float* __restrict__ x, float* __restrict__ y, index_t rows, index_t n,
                        float scale, SoftmaxMask mask, bool causal, index_t tq) {
@@ -74,13 +97,18 @@ softmax_forward_kernel(const float* __restrict__ x, float* __restrict__ y, index
 
         // Pass 1: online max and sum over this lane's columns.
         float m = -INFINITY, s = 0.0f;
-        for (index_t j = lane; j < visible; j += 32) {
-            const float z = scale * xr[j] + (mr ? mr[j] : 0.0f);
-            if (z > m) {          // new maximum: rescale what we have (e^{−inf} = 0 on the first)
-                s = s * expf(m - z) + 1.0f;
-                m = z;
-            } else if (z != -INFINITY) {  // −inf adds nothing (and −inf − −inf would be NaN)
-                s += expf(z - m);  // NaN z (never "> m") makes s NaN: the row becomes NaN
+        for (index_t j0 = W * lane; j0 < visible; j0 += 32 * W) {
+            float zs[W];
+            load_logits<W>(xr, mr, j0, visible, scale, zs);
+#pragma unroll
+            for (int t = 0; t < W; ++t) {
+                const float z = zs[t];
+                if (z > m) {          // new maximum: rescale what we have (e^{−inf} = 0 on the first)
+                    s = s * expf(m - z) + 1.0f;
+                    m = z;
+                } else if (z != -INFINITY) {  // −inf adds nothing (and −inf − −inf would be NaN)
+                    s += expf(z - m);  // NaN z (never "> m") makes s NaN: the row becomes NaN
+                }
             }
         }
         for (int offset = 16; offset > 0; offset >>= 1) {
@@ -94,17 +122,22 @@ softmax_forward_kernel(const float* __restrict__ x, float* __restrict__ y, index
 
         // Pass 2: write y. Fully masked (m = −inf): zeros.
         const float inv_s = 1.0f / s;
-        for (index_t j = lane; j < n; j += 32) {
-            float out;
+        for (index_t j0 = W * lane; j0 < n; j0 += 32 * W) {
+            float out[W];
             if (m == -INFINITY) {
-                out = 0.0f;
-            } else if (j < visible) {
-                const float z = scale * xr[j] + (mr ? mr[j] : 0.0f);
-                out = expf(z - m) * inv_s;
+#pragma unroll
+                for (int t = 0; t < W; ++t) out[t] = 0.0f;
             } else {
-                out = 0.0f * inv_s;  // causal tail: 0, or NaN when the row is NaN (as the reference)
+                float zs[W];
+#pragma unroll
+                for (int t = 0; t < W; ++t) zs[t] = -INFINITY;
+                if (j0 < visible) load_logits<W>(xr, mr, j0, visible, scale, zs);
+#pragma unroll
+                for (int t = 0; t < W; ++t)  // causal tail: 0, or NaN when the row is NaN (as the reference)
+                    out[t] = j0 + t < visible ? expf(zs[t] - m) * inv_s : 0.0f * inv_s;
             }
-            yr[j] = out;
+            if constexpr (W == 4) *reinterpret_cast<float4*>(yr + j0) = make_float4(out[0], out[1], out[2], out[3]);
+            else yr[j0] = out[0];
         }
     }
 }
@@ -139,8 +172,17 @@ void softmax_forward(const float* x, float* y, index_t rows, index_t n, float sc
                      const SoftmaxMask& mask, bool causal, index_t tq) {
     if (rows == 0 || n == 0) return;
     if (causal && tq <= 0) throw CudaError("softmax_forward: causal needs tq > 0");
-    launch("softmax_forward", softmax_forward_kernel, dim3(softmax_grid(rows)), dim3(32 * kSoftmaxWarps), 0,
-           nullptr, x, y, rows, n, scale, mask, causal, tq);
+    // float4 path: every row (and mask row) starts 16-byte aligned.
+    auto aligned = [](const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; };
+    bool vec = n % 4 == 0 && aligned(x) && aligned(y) && (mask.data == nullptr || aligned(mask.data));
+    for (int a = 0; a < mask.ndim; ++a) vec = vec && mask.mask_stride[a] % 4 == 0;
+    const dim3 grid(softmax_grid(rows)), block(32 * kSoftmaxWarps);
+    if (vec)
+        launch("softmax_forward", softmax_forward_kernel<4>, grid, block, 0, nullptr, x, y, rows, n, scale, mask,
+               causal, tq);
+    else
+        launch("softmax_forward", softmax_forward_kernel<1>, grid, block, 0, nullptr, x, y, rows, n, scale, mask,
+               causal, tq);
 }
 
 void softmax_backward(const float* dy, const float* y, float* dx, index_t rows, index_t n, float scale) {
