@@ -166,7 +166,7 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
 inline unsigned __ballot_sync(unsigned mask, int pred) { return nf_emu::ballot(mask, pred != 0, "__ballot_sync"); }
 inline int __any_sync(unsigned mask, int pred) { return nf_emu::ballot(mask, pred != 0, "__any_sync") != 0; }
 inline int __all_sync(unsigned mask, int pred) {
-    return nf_emu::ballot(mask, pred != 0, "__all_sync") == nf_emu::ballot(mask, true, "__all_sync");
+    return nf_emu::ballot(mask, pred != 0, "__all_sync") == mask;  // mask = the whole warp (checked)
 }
 
 // Atomics: one process-wide lock (correct, not fast).
