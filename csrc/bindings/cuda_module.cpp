@@ -135,6 +135,7 @@ struct CudaPolicy {
     static const float* cdata(const Array& a) { return static_cast<const float*>(a.ptr()); }
     static float* data(Array& a) { return static_cast<float*>(a.ptr()); }
     static Array empty(const Shape& s) { return DeviceArray(s, DType::f32); }
+    // DeviceArrays never alias except as copies of one handle (same allocation).
     static bool overlaps(const Array& a, const Array& b) { return a.mem && a.mem == b.mem; }
     static Bytes bytes(const py::object& obj, const std::string& fn, const Shape& expect) {
         Bytes r;
