@@ -63,8 +63,8 @@ __device__ __forceinline__ float4 load4(const float* p, int avail, bool vec) {
 }
 
 template <bool TRANS_A, bool TRANS_B>
-__global__ void __launch_bounds__(kGemmThreads)
-gemm_kernel(GemmArgs g, bool vec_a, bool vec_b) {
+__global__ void __launch_bounds__(kGemmThreads, 2)  // ≤ 128 registers: two blocks per SM
+gemm_kernel(GemmArgs g, bool vec_a, bool vec_b, bool vec_c) {
     NF_DYNAMIC_SHARED(float, smem);
     float* As = smem;                          // [2][BK][AS_STRIDE]
     float* Bs = smem + 2 * BK * AS_STRIDE;     // [2][BK][BS_STRIDE]
@@ -178,20 +178,39 @@ gemm_kernel(GemmArgs g, bool vec_a, bool vec_b) {
         __syncthreads();
     }
 
-    // Epilogue: C = acc (+ bias) (+ old C), only inside the matrix.
+    // Epilogue: C = acc (+ bias) (+ old C), only inside the matrix. Each of
+    // the thread's two 4-column groups is one float4 store (and load of bias
+    // / old C) when it lies inside the matrix and C is 16-byte aligned.
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         const int m = m0 + (i < 4 ? 4 * ty + i : 64 + 4 * ty + (i - 4));
         if (m >= M) continue;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int n = n0 + (j < 4 ? 4 * tx + j : 64 + 4 * tx + (j - 4));
-            if (n >= N) continue;
-            float v = acc[i][j];
-            if (g.bias) v += g.bias[n];
+        for (int half = 0; half < 2; ++half) {
+            const int n = n0 + 64 * half + 4 * tx;  // first of this group's 4 columns
             float* c = C + index_t(m) * N + n;
-            if (g.accumulate) v += *c;
-            *c = v;
+            const float* a = &acc[i][4 * half];
+            if (vec_c && n + 3 < N) {
+                float4 v = make_float4(a[0], a[1], a[2], a[3]);
+                if (g.bias) {
+                    const float4 b = *reinterpret_cast<const float4*>(g.bias + n);
+                    v.x += b.x, v.y += b.y, v.z += b.z, v.w += b.w;
+                }
+                if (g.accumulate) {
+                    const float4 o = *reinterpret_cast<const float4*>(c);
+                    v.x += o.x, v.y += o.y, v.z += o.z, v.w += o.w;
+                }
+                *reinterpret_cast<float4*>(c) = v;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    if (n + j >= N) break;
+                    float v = a[j];
+                    if (g.bias) v += g.bias[n + j];
+                    if (g.accumulate) v += c[j];
+                    c[j] = v;
+                }
+            }
         }
     }
 }
@@ -208,16 +227,17 @@ void gemm(const GemmArgs& g) {
     const index_t lda = g.trans_a ? g.m : g.k, ldb = g.trans_b ? g.k : g.n;
     const bool vec_a = aligned16(g.a) && lda % 4 == 0 && g.stride_a % 4 == 0;
     const bool vec_b = aligned16(g.b) && ldb % 4 == 0 && g.stride_b % 4 == 0;
+    const bool vec_c = aligned16(g.c) && g.n % 4 == 0 && g.stride_c % 4 == 0 && (!g.bias || aligned16(g.bias));
     const dim3 grid(unsigned(ceil_div(g.n, BN)), unsigned(ceil_div(g.m, BM)), unsigned(g.batch));
     const std::size_t smem = sizeof(float) * 2 * BK * (AS_STRIDE + BS_STRIDE);
     if (!g.trans_a && !g.trans_b)
-        launch("gemm", gemm_kernel<false, false>, grid, dim3(kGemmThreads), smem, nullptr, g, vec_a, vec_b);
+        launch("gemm", gemm_kernel<false, false>, grid, dim3(kGemmThreads), smem, nullptr, g, vec_a, vec_b, vec_c);
     else if (!g.trans_a && g.trans_b)
-        launch("gemm", gemm_kernel<false, true>, grid, dim3(kGemmThreads), smem, nullptr, g, vec_a, vec_b);
+        launch("gemm", gemm_kernel<false, true>, grid, dim3(kGemmThreads), smem, nullptr, g, vec_a, vec_b, vec_c);
     else if (g.trans_a && !g.trans_b)
-        launch("gemm", gemm_kernel<true, false>, grid, dim3(kGemmThreads), smem, nullptr, g, vec_a, vec_b);
+        launch("gemm", gemm_kernel<true, false>, grid, dim3(kGemmThreads), smem, nullptr, g, vec_a, vec_b, vec_c);
     else
-        launch("gemm", gemm_kernel<true, true>, grid, dim3(kGemmThreads), smem, nullptr, g, vec_a, vec_b);
+        launch("gemm", gemm_kernel<true, true>, grid, dim3(kGemmThreads), smem, nullptr, g, vec_a, vec_b, vec_c);
 }
 
 }  // namespace numformer::cuda
