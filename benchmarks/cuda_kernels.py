@@ -48,8 +48,12 @@ def _torch():
     return torch if torch.cuda.is_available() else None
 
 
-def timed(fn, sync, reps=5, inner=3):
+_INNER = 3  # calls per timed batch (1 with --smoke)
+
+
+def timed(fn, sync, reps=5, inner=None):
     """Median seconds per call of fn() over `reps` batches of `inner` calls."""
+    inner = inner or _INNER
     fn()
     sync()
     times = []
@@ -66,7 +70,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
     ap.add_argument("--json", help="write the rows to this JSON file")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes, one repetition: checks the script runs (the tests use it with the emulator)")
     args = ap.parse_args(argv)
+    global _INNER
+    _INNER = 1 if args.smoke else 3
 
     cu, why = _load()
     if cu is None:
@@ -78,18 +86,18 @@ def main(argv=None) -> int:
     cu.set_synchronous(False)
     sync = cu.synchronize
     tsync = torch.cuda.synchronize if torch is not None else (lambda: None)
-    reps = 3 if args.quick else 7
+    reps = 1 if args.smoke else 3 if args.quick else 7
     rng = np.random.default_rng(0)
     rows = []
     print(f"device: {cu.device_name()}   build: {cu.build_info()}   torch: {torch.__version__ if torch else 'absent'}")
 
-    bw = cu.measure_copy_bandwidth(1 << 28 if args.quick else 1 << 30)
+    bw = cu.measure_copy_bandwidth(1 << 16 if args.smoke else 1 << 28 if args.quick else 1 << 30)
     print(f"device-to-device copy bandwidth: {bw:.0f} GB/s")
     rows.append(dict(kernel="copy", gbps=bw))
 
     # ---- GEMM ---------------------------------------------------------------
     print("\nGEMM float32                       ours TFLOP/s   cuBLAS TFLOP/s   ratio")
-    sizes = [(1024, 1024, 1024), (4096, 4096, 4096)] if args.quick else \
+    sizes = [(40, 36, 24)] if args.smoke else [(1024, 1024, 1024), (4096, 4096, 4096)] if args.quick else \
         [(1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096), (8192, 768, 3072), (768, 8192, 3072)]
     for (M, N, K) in sizes:
         for ta, tb in [(False, False), (False, True), (True, False)]:
@@ -111,7 +119,7 @@ def main(argv=None) -> int:
 
     # ---- softmax ------------------------------------------------------------
     print("\nsoftmax                            fwd GB/s  (% of copy)   bwd GB/s  (% of copy)   torch fwd GB/s")
-    for shape in ([(4096, 1024), (4096, 50257)] if args.quick else
+    for shape in ([(8, 64), (4, 37)] if args.smoke else [(4096, 1024), (4096, 50257)] if args.quick else
                   [(16384, 1024), (65536, 256), (4096, 50257), (4 * 12 * 1024, 1024)]):
         x = cu.to_device((rng.standard_normal(shape) * 3).astype(np.float32))
         nbytes = 4.0 * shape[0] * shape[1]
@@ -129,8 +137,8 @@ def main(argv=None) -> int:
 
     # ---- attention ----------------------------------------------------------
     print("\nattention fwd (causal, D=64)       ours ms  TFLOP/s   composed ms (ours / torch)   SDPA ms   bwd ms")
-    B, H, D = (1, 12, 64) if args.quick else (4, 12, 64)
-    for T in ([1024, 2048] if args.quick else [512, 1024, 2048, 4096]):
+    B, H, D = (1, 1, 32) if args.smoke else (1, 12, 64) if args.quick else (4, 12, 64)
+    for T in ([40] if args.smoke else [1024, 2048] if args.quick else [512, 1024, 2048, 4096]):
         q, k, v = (cu.to_device(rng.standard_normal((B, H, T, D)).astype(np.float32)) for _ in range(3))
         tf = timed(lambda: cu.attention_forward(q, k, v, causal=True), sync, reps)
         out, lse = cu.attention_forward(q, k, v, causal=True)
