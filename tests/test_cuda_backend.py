@@ -193,6 +193,7 @@ class _EmulatorAsFullDevice(_EmulatorAsDevice):
     device_name = staticmethod(lambda: "CPU emulator")
     build_info = staticmethod(lambda: "emulated")
     measure_copy_bandwidth = staticmethod(lambda nbytes: 1.0)
+    measure_fma_peak = staticmethod(lambda iters: 1.0)
     set_synchronous = staticmethod(lambda on: True)
     synchronize = staticmethod(lambda: None)
 
@@ -214,5 +215,5 @@ def test_emu_cuda_benchmark_script_runs_end_to_end(monkeypatch, capsys, tmp_path
     out = tmp_path / "rows.json"
     assert mod.main(["--smoke", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["kernel"] for r in rows} == {"copy", "gemm", "softmax", "attention"}
+    assert {r["kernel"] for r in rows} == {"copy", "fma_peak", "gemm", "softmax", "attention"}
     assert "GEMM float32" in capsys.readouterr().out

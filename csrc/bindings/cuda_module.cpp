@@ -240,6 +240,29 @@ PYBIND11_MODULE(_cuda, m) {
         return 2.0 * double(nbytes) * repeat / (double(ms) * 1e-3) / 1e9;  // GB/s
     }, py::arg("nbytes") = std::size_t(1) << 30, py::arg("repeat") = 20,
           "GB/s of device-to-device copies (bytes read + written).");
+    m.def("measure_fma_peak", [](int iters) {
+        // TFLOP/s of a kernel doing only FMAs on 8 chains per thread, with
+        // 16 blocks per SM: the compute ceiling for FP32 CUDA-core kernels.
+        require_device();
+        int dev = 0, sms = 0;
+        check(cudaGetDevice(&dev), "cudaGetDevice");
+        check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+        const int blocks = 16 * sms;
+        DeviceArray out(Shape{index_t(blocks) * 256}, DType::f32);
+        numformer::cuda::fma_loop(static_cast<float*>(out.ptr()), blocks, 16);  // warm-up
+        cudaEvent_t t0, t1;
+        check(cudaEventCreate(&t0), "cudaEventCreate");
+        check(cudaEventCreate(&t1), "cudaEventCreate");
+        check(cudaEventRecord(t0), "cudaEventRecord");
+        const double flops = numformer::cuda::fma_loop(static_cast<float*>(out.ptr()), blocks, iters);
+        check(cudaEventRecord(t1), "cudaEventRecord");
+        check(cudaEventSynchronize(t1), "cudaEventSynchronize");
+        float ms = 0;
+        check(cudaEventElapsedTime(&ms, t0, t1), "cudaEventElapsedTime");
+        cudaEventDestroy(t0);
+        cudaEventDestroy(t1);
+        return flops / (double(ms) * 1e-3) / 1e12;
+    }, py::arg("iters") = 1 << 16, "TFLOP/s of an FMA-only kernel (FP32 CUDA cores).");
     ops::register_ops<CudaPolicy>(m);
     const std::string info = std::string("CUDA ") + NUMFORMER_CUDA_VERSION + ", architectures " + NUMFORMER_CUDA_ARCHS;
     m.def("build_info", [info] { return info; });

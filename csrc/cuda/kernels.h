@@ -65,4 +65,9 @@ void attention_forward(const AttentionArgs& p, float* out, float* lse);
 void attention_backward(const AttentionArgs& p, const float* out, const float* dout, const float* lse,
                         float* dq, float* dk, float* dv, float* scratch);
 
+// ---- ceilings ---------------------------------------------------------------
+// A pure-FMA kernel over `blocks` blocks of 256 threads writing out[blocks·256];
+// returns the FLOPs it performs (the caller times it).
+double fma_loop(float* out, int blocks, int iters);
+
 }  // namespace numformer::cuda
