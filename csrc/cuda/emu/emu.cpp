@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <memory>
 #include <sstream>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -208,30 +209,39 @@ void run_launch(const char* name, dim3 grid, dim3 block, std::size_t smem,
                 }
                 std::vector<std::thread> threads;
                 threads.reserve(nthreads);
-                for (unsigned long long t = 0; t < nthreads; ++t) {
-                    threads.emplace_back([&, t] {
-                        tls = ThreadCtx{};
-                        tls.thread_idx = {unsigned(t % block.x), unsigned(t / block.x % block.y),
-                                          unsigned(t / (1ull * block.x * block.y))};
-                        tls.block_idx = {bx, by, bz};
-                        tls.block_dim = block;
-                        tls.grid_dim = grid;
-                        tls.block = &blk;
-                        tls.warp = blk.warps[t / 32].get();
-                        tls.lane = unsigned(t % 32);
-                        try {
-                            body();
-                        } catch (const Unwind&) {
-                        } catch (const std::exception& e) {
-                            try { fail(std::string("exception in kernel: ") + e.what()); } catch (const Unwind&) {}
-                        }
-                        blk.thread_syncs[t] = tls.syncs;
-                        tls.warp->lane_collectives[tls.lane] = tls.collectives;
-                        // An exited thread no longer takes part in barriers.
-                        tls.warp->barrier.leave();
-                        blk.barrier.leave();
-                        tls = ThreadCtx{};
-                    });
+                auto run_thread = [&](unsigned long long t) {
+                    tls = ThreadCtx{};
+                    tls.thread_idx = {unsigned(t % block.x), unsigned(t / block.x % block.y),
+                                      unsigned(t / (1ull * block.x * block.y))};
+                    tls.block_idx = {bx, by, bz};
+                    tls.block_dim = block;
+                    tls.grid_dim = grid;
+                    tls.block = &blk;
+                    tls.warp = blk.warps[t / 32].get();
+                    tls.lane = unsigned(t % 32);
+                    try {
+                        body();
+                    } catch (const Unwind&) {
+                    } catch (const std::exception& e) {
+                        try { fail(std::string("exception in kernel: ") + e.what()); } catch (const Unwind&) {}
+                    }
+                    blk.thread_syncs[t] = tls.syncs;
+                    tls.warp->lane_collectives[tls.lane] = tls.collectives;
+                    // An exited thread no longer takes part in barriers.
+                    tls.warp->barrier.leave();
+                    blk.barrier.leave();
+                    tls = ThreadCtx{};
+                };
+                try {
+                    for (unsigned long long t = 0; t < nthreads; ++t) threads.emplace_back(run_thread, t);
+                } catch (const std::system_error& e) {
+                    // Out of OS threads: release the ones started (they unwind at
+                    // their next barrier), join them, and report instead of crashing.
+                    blk.barrier.breakdown();
+                    for (auto& w : blk.warps) w->barrier.breakdown();
+                    for (auto& th : threads) th.join();
+                    throw std::runtime_error(std::string(name) + ": the emulator could not start " +
+                                             std::to_string(nthreads) + " threads: " + e.what());
                 }
                 for (auto& th : threads) th.join();
                 if (!blk.error.empty()) throw std::runtime_error(std::string(name) + ": " + blk.error);
