@@ -15,6 +15,8 @@ Every test name contains ``emu``: ``pytest -k emu`` runs this file.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -41,6 +43,21 @@ EPS = float(np.finfo(np.float32).eps)
 def few(n: int) -> settings:
     """At most ``n`` examples (emulation is slow), fewer under the dev profile."""
     return settings(max_examples=min(n, settings.default.max_examples))
+
+
+# How the emulator runs a block's threads: all at once (OS-interleaved), or
+# one at a time in forward / reverse thread order, switching at barriers —
+# which makes a missing barrier fail deterministically. Kernel tests draw one.
+SCHEDULES = st.sampled_from(["threads", "forward", "reverse"])
+
+
+@contextlib.contextmanager
+def schedule(name: str):
+    previous = emu.set_schedule(name)
+    try:
+        yield
+    finally:
+        emu.set_schedule(previous)
 
 
 # ---------------------------------------------------------------------------
@@ -94,6 +111,20 @@ def test_emu_poisons_uninitialised_shared_memory():
     assert np.isnan(out[63]) and not np.isnan(out[:63]).any()
 
 
+def test_emu_serialized_schedules_expose_a_missing_barrier():
+    # Each of 64 threads writes s[t] and reads s[t + 1 mod 64]; without the
+    # barrier, forward order has threads 0..62 read before their neighbour
+    # wrote, reverse order has thread 63 read s[0] before thread 0 ran.
+    for name, unwritten in [("forward", np.arange(63)), ("reverse", np.array([63]))]:
+        with schedule(name):
+            np.testing.assert_array_equal(np.flatnonzero(np.isnan(emu._selftest_bug("missing_barrier"))), unwritten)
+            np.testing.assert_array_equal(emu._selftest_bug("with_barrier"), (np.arange(64) + 1) % 64)
+            with pytest.raises(RuntimeError, match="divergent barrier"):
+                emu._selftest_bug("divergent_barrier")
+    with pytest.raises(ValueError, match="unknown emulator schedule"):
+        emu.set_schedule("random")
+
+
 # ---------------------------------------------------------------------------
 # softmax
 # ---------------------------------------------------------------------------
@@ -125,8 +156,9 @@ def check_softmax(got, want, n, zabs=0.0):
 @given(lead=st.sampled_from([(), (3,), (2, 3), (1, 2, 5)]), n=ROW,
        mask_kind=st.sampled_from([None, "row", "full", "query", "padding"]), causal=st.booleans(),
        scale=st.sampled_from([1.0, 0.125, 3.0]), neg_inf=st.floats(0, 0.6), big=st.sampled_from([1.0, 30.0]),
-       misalign=st.booleans(), seed=st.integers(0, 2**31))
-def test_emu_softmax_forward_matches_reference(lead, n, mask_kind, causal, scale, neg_inf, big, misalign, seed):
+       misalign=st.booleans(), sched=SCHEDULES, seed=st.integers(0, 2**31))
+def test_emu_softmax_forward_matches_reference(lead, n, mask_kind, causal, scale, neg_inf, big, misalign, sched,
+                                               seed):
     rng = np.random.default_rng(seed)
     if causal and len(lead) == 0:
         lead = (4,)                                   # causal needs (..., Tq, Tk)
@@ -143,7 +175,8 @@ def test_emu_softmax_forward_matches_reference(lead, n, mask_kind, causal, scale
         mshape = {"row": (n,), "full": shape, "query": shape[-2:],
                   "padding": (shape[0],) + (1,) * (len(shape) - 2) + (n,)}[mask_kind]
         mask = np.where(rng.random(mshape) < neg_inf, -np.inf, rng.standard_normal(mshape)).astype(np.float32)
-    got = emu.softmax_forward(x, scale=scale, mask=mask, causal=causal)
+    with schedule(sched):
+        got = emu.softmax_forward(x, scale=scale, mask=mask, causal=causal)
     zabs = abs(scale * x.astype(np.float64)) + (0 if mask is None else abs(mask.astype(np.float64)))
     check_softmax(got, softmax_spec(x, scale, mask, causal), n, zabs)
 
@@ -204,8 +237,9 @@ def gemm_bound(a_op, b_op, K, extra=0.0):
 @few(60)
 @given(M=DIM, N=DIM, K=st.one_of(st.sampled_from([0, 1, 7, 8, 9, 16, 33]), st.integers(0, 70)),
        batch=st.sampled_from([None, 1, 3]), trans_a=st.booleans(), trans_b=st.booleans(),
-       bias=st.booleans(), accumulate=st.booleans(), misalign=st.booleans(), seed=st.integers(0, 2**31))
-def test_emu_matmul_matches_numpy(M, N, K, batch, trans_a, trans_b, bias, accumulate, misalign, seed):
+       bias=st.booleans(), accumulate=st.booleans(), misalign=st.booleans(), sched=SCHEDULES,
+       seed=st.integers(0, 2**31))
+def test_emu_matmul_matches_numpy(M, N, K, batch, trans_a, trans_b, bias, accumulate, misalign, sched, seed):
     rng = np.random.default_rng(seed)
     lead = () if batch is None else (batch,)
 
@@ -232,7 +266,8 @@ def test_emu_matmul_matches_numpy(M, N, K, batch, trans_a, trans_b, bias, accumu
         want = want + out
         extra = extra + abs(out)
         kw.update(out=out, accumulate=True)
-    got = emu.matmul(a, b, trans_a, trans_b, **kw)
+    with schedule(sched):
+        got = emu.matmul(a, b, trans_a, trans_b, **kw)
     if accumulate:
         assert got is kw["out"]
     bound = gemm_bound(a_op.astype(np.float64), b_op.astype(np.float64), K, extra)
@@ -275,8 +310,8 @@ def attention_reference(q, k, v, dout, causal, key_mask):
 @few(30)
 @given(BH=st.sampled_from([(1, 1), (2, 1), (1, 2)]), Tq=SEQ, Tk=SEQ, D=HEAD,
        mode=st.sampled_from(["causal", "full", "padding", "causal+padding"]),
-       big=st.sampled_from([1.0, 1.0, 10.0]), seed=st.integers(0, 2**31))
-def test_emu_attention_forward_backward_match_reference(BH, Tq, Tk, D, mode, big, seed):
+       big=st.sampled_from([1.0, 1.0, 10.0]), sched=SCHEDULES, seed=st.integers(0, 2**31))
+def test_emu_attention_forward_backward_match_reference(BH, Tq, Tk, D, mode, big, sched, seed):
     # (B, H) = (2, 1) and (1, 2) cover the batch and head offsets; more heads
     # would only multiply the (slow) emulated blocks.
     B, H = BH
@@ -290,8 +325,9 @@ def test_emu_attention_forward_backward_match_reference(BH, Tq, Tk, D, mode, big
     if "padding" in mode:
         key_mask = rng.random((B, Tk)) < rng.uniform(0.2, 1.0)
         key_mask[0] = False if rng.random() < 0.2 else key_mask[0]   # sometimes a fully padded row
-    out, lse = emu.attention_forward(q, k, v, causal=causal, key_mask=key_mask)
-    dq, dk, dv = emu.attention_backward(dout, q, k, v, out, lse, causal=causal, key_mask=key_mask)
+    with schedule(sched):
+        out, lse = emu.attention_forward(q, k, v, causal=causal, key_mask=key_mask)
+        dq, dk, dv = emu.attention_backward(dout, q, k, v, out, lse, causal=causal, key_mask=key_mask)
     want, bound = attention_reference(q, k, v, dout, causal, key_mask)
     got = dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
     for name in ("out", "lse", "dq", "dk", "dv"):

@@ -109,6 +109,15 @@ __global__ void divergent_shuffle_kernel(float* out) {
 __global__ void partial_mask_kernel(float* out) {
     out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, float(threadIdx.x), 1);
 }
+// Every thread writes its slot and reads its neighbour's — with the barrier
+// in between (`sync`), or without it (a race that the serialized schedules
+// expose deterministically: the neighbour has not written yet).
+__global__ void neighbour_kernel(float* out, bool sync) {
+    NF_DYNAMIC_SHARED(float, s);
+    s[threadIdx.x] = float(threadIdx.x);
+    if (sync) __syncthreads();
+    out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
 __global__ void uninitialised_shared_kernel(float* out) {
     NF_DYNAMIC_SHARED(float, s);
     if (threadIdx.x > 0) s[threadIdx.x] = 1.0f;  // s[0] is never written
@@ -158,6 +167,9 @@ PYBIND11_MODULE(_cuda_emu, m) {
             else if (which == "uninitialised_shared")
                 numformer::cuda::launch(which.c_str(), uninitialised_shared_kernel, dim3(1), dim3(64),
                                         sizeof(float) * 64, nullptr, p);
+            else if (which == "missing_barrier" || which == "with_barrier")
+                numformer::cuda::launch(which.c_str(), neighbour_kernel, dim3(1), dim3(64), sizeof(float) * 64,
+                                        nullptr, p, which == "with_barrier");
             else if (which == "too_many_threads")
                 numformer::cuda::launch(which.c_str(), partial_mask_kernel, dim3(1), dim3(2048), 0, nullptr, p);
             else
@@ -165,5 +177,9 @@ PYBIND11_MODULE(_cuda_emu, m) {
         }
         return py::array_t<float>(py::ssize_t(buf.size()), buf.data());
     });
+    m.def("set_schedule", &nf_emu::set_schedule, py::arg("name"),
+          "How the emulator runs a block's threads: 'threads' (all at once, OS-interleaved; the default, "
+          "or NUMFORMER_EMU_SCHEDULE), 'forward' / 'reverse' (one at a time in thread order, switching at "
+          "barriers: missing barriers fail deterministically). Returns the previous schedule.");
     m.attr("__emulated__") = true;
 }

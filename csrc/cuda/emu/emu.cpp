@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <memory>
+#include <atomic>
 #include <sstream>
 #include <system_error>
 #include <thread>
@@ -28,28 +29,85 @@ std::chrono::seconds deadlock_timeout() {
     return std::chrono::seconds(120);
 }
 
+std::atomic<int> g_schedule{-1};  // Schedule; −1: not read from the environment yet
+
 }  // namespace
+
+// Serialized execution of one block (schedules "forward" and "reverse"): one
+// thread at a time holds the turn and runs until it reaches a barrier (block
+// or warp) or exits; the turn then goes to the first runnable thread in
+// `order`. A missing barrier then fails deterministically: in forward order
+// thread 0 runs its whole barrier interval before thread 1 starts, so it
+// reads what thread 1 has not written yet (poison); reverse order catches
+// the mirror case. A state where threads wait and none can run is a
+// deadlock, reported at once.
+struct Turns {
+    std::mutex m;
+    std::vector<std::unique_ptr<std::condition_variable>> cv;  // one per thread: wake only the next
+    std::vector<unsigned> order;  // rank → thread
+    std::vector<char> state;      // 0 runnable, 1 waiting at a barrier, 2 exited
+    long running = -1;
+    bool broken = false;
+
+    explicit Turns(unsigned n, bool reverse) : cv(n), order(n), state(n, 0) {
+        for (unsigned i = 0; i < n; ++i) {
+            cv[i] = std::make_unique<std::condition_variable>();
+            order[i] = reverse ? n - 1 - i : i;
+        }
+    }
+    // With m held: give the turn to the first runnable thread; false if none.
+    bool pass_locked() {
+        for (unsigned t : order)
+            if (state[t] == 0) {
+                running = long(t);
+                cv[t]->notify_one();
+                return true;
+            }
+        running = -1;
+        return false;
+    }
+    bool anyone_waiting() const {
+        for (char c : state)
+            if (c == 1) return true;
+        return false;
+    }
+    // With m held (via lk): sleep until it is thread t's turn.
+    void wait_turn(std::unique_lock<std::mutex>& lk, unsigned t) {
+        cv[t]->wait(lk, [&] { return running == long(t) || broken; });
+        if (broken) throw Unwind{};
+    }
+    void breakdown() {
+        std::lock_guard<std::mutex> lock(m);
+        broken = true;
+        for (auto& c : cv) c->notify_all();
+    }
+};
 
 // A reusable barrier over a set of threads whose size shrinks when a thread
 // exits (a thread that returned no longer takes part, as on sm_70+).
 class Barrier {
 public:
-    void reset(int n) {
+    void reset(int n, Turns* turns) {
         expected_ = n;
         arrived_ = 0;
         generation_ = 0;
         broken_ = false;
+        turns_ = turns;
+        waiting_.clear();
     }
     void arrive_and_wait(const char* what);
     void leave();   // the calling thread exited
     void breakdown();  // wake everyone, who then unwinds
 
 private:
+    void arrive_serialized(const char* what);
     std::mutex m_;
     std::condition_variable cv_;
     int expected_ = 0, arrived_ = 0;
     std::uint64_t generation_ = 0;
     bool broken_ = false;
+    Turns* turns_ = nullptr;           // serialized schedules
+    std::vector<unsigned> waiting_;    // serialized: threads waiting here
 };
 
 struct Warp {
@@ -65,6 +123,7 @@ struct Warp {
 };
 
 struct Block {
+    std::unique_ptr<Turns> turns;  // serialized schedules only
     Barrier barrier;
     std::vector<std::unique_ptr<Warp>> warps;
     std::vector<unsigned char> shared;  // dynamic shared memory
@@ -73,7 +132,26 @@ struct Block {
     std::string error;  // first error raised in the block
 };
 
+void Barrier::arrive_serialized(const char* what) {
+    Turns& T = *turns_;
+    std::unique_lock<std::mutex> lk(T.m);
+    if (T.broken) throw Unwind{};
+    const unsigned me = tls.linear;
+    waiting_.push_back(me);
+    T.state[me] = 1;
+    if (int(waiting_.size()) == expected_) {  // last arrival: everyone here may go on
+        for (unsigned t : waiting_) T.state[t] = 0;
+        waiting_.clear();
+    }
+    if (!T.pass_locked()) {
+        lk.unlock();
+        fail(std::string(what) + ": deadlock: every live thread waits at a barrier that cannot complete");
+    }
+    T.wait_turn(lk, me);
+}
+
 void Barrier::arrive_and_wait(const char* what) {
+    if (turns_) return arrive_serialized(what);
     std::unique_lock<std::mutex> lock(m_);
     if (broken_) throw Unwind{};
     const std::uint64_t gen = generation_;
@@ -92,6 +170,15 @@ void Barrier::arrive_and_wait(const char* what) {
 }
 
 void Barrier::leave() {
+    if (turns_) {  // serialized: the caller holds the turn; Turns::m guards the state
+        std::lock_guard<std::mutex> lk(turns_->m);
+        --expected_;
+        if (!waiting_.empty() && int(waiting_.size()) == expected_) {
+            for (unsigned t : waiting_) turns_->state[t] = 0;
+            waiting_.clear();
+        }
+        return;
+    }
     std::lock_guard<std::mutex> lock(m_);
     --expected_;
     if (arrived_ > 0 && arrived_ == expected_) {
@@ -102,6 +189,7 @@ void Barrier::leave() {
 }
 
 void Barrier::breakdown() {
+    if (turns_) turns_->breakdown();
     std::lock_guard<std::mutex> lock(m_);
     broken_ = true;
     cv_.notify_all();
@@ -168,6 +256,30 @@ unsigned ballot(unsigned mask, bool pred, const char* op) {
 
 void* dynamic_shared() { return tls.block->shared.data(); }
 
+static const char* const kScheduleNames[] = {"threads", "forward", "reverse"};
+
+int schedule() {
+    int s = g_schedule.load();
+    if (s < 0) {
+        s = 0;
+        if (const char* e = std::getenv("NUMFORMER_EMU_SCHEDULE"))
+            for (int i = 0; i < 3; ++i)
+                if (std::string(e) == kScheduleNames[i]) s = i;
+        g_schedule.store(s);
+    }
+    return s;
+}
+
+std::string set_schedule(const std::string& name) {
+    const std::string old = kScheduleNames[schedule()];
+    for (int i = 0; i < 3; ++i)
+        if (name == kScheduleNames[i]) {
+            g_schedule.store(i);
+            return old;
+        }
+    throw std::invalid_argument("unknown emulator schedule '" + name + "' (threads, forward, reverse)");
+}
+
 std::mutex& atomic_mutex() {
     static std::mutex m;
     return m;
@@ -196,14 +308,16 @@ void run_launch(const char* name, dim3 grid, dim3 block, std::size_t smem,
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
                 Block blk;
-                blk.barrier.reset(int(nthreads));
+                const int sched = schedule();
+                if (sched != 0) blk.turns = std::make_unique<Turns>(unsigned(nthreads), sched == 2);
+                blk.barrier.reset(int(nthreads), blk.turns.get());
                 blk.shared.assign(smem, 0xFF);  // poison: NaN floats, −1 ints (exact size: ASan sees overruns)
                 blk.thread_syncs.assign(nthreads, 0);
                 for (unsigned w = 0; w < nwarps; ++w) {
                     auto warp = std::make_unique<Warp>();
                     const unsigned lanes = unsigned(std::min<unsigned long long>(32, nthreads - 32ull * w));
                     warp->full_mask = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1u;
-                    warp->barrier.reset(int(lanes));
+                    warp->barrier.reset(int(lanes), blk.turns.get());
                     warp->lane_collectives.assign(lanes, 0);
                     blk.warps.push_back(std::move(warp));
                 }
@@ -219,7 +333,12 @@ void run_launch(const char* name, dim3 grid, dim3 block, std::size_t smem,
                     tls.block = &blk;
                     tls.warp = blk.warps[t / 32].get();
                     tls.lane = unsigned(t % 32);
+                    tls.linear = unsigned(t);
                     try {
+                        if (blk.turns) {  // serialized: wait for this thread's first turn
+                            std::unique_lock<std::mutex> lk(blk.turns->m);
+                            blk.turns->wait_turn(lk, unsigned(t));
+                        }
                         body();
                     } catch (const Unwind&) {
                     } catch (const std::exception& e) {
@@ -230,8 +349,24 @@ void run_launch(const char* name, dim3 grid, dim3 block, std::size_t smem,
                     // An exited thread no longer takes part in barriers.
                     tls.warp->barrier.leave();
                     blk.barrier.leave();
+                    if (blk.turns) {  // hand the turn on
+                        Turns& T = *blk.turns;
+                        std::unique_lock<std::mutex> lk(T.m);
+                        T.state[t] = 2;
+                        if (!T.pass_locked() && T.anyone_waiting() && !T.broken) {
+                            lk.unlock();
+                            try {
+                                fail("deadlock: the last running thread exited while others wait at a barrier");
+                            } catch (const Unwind&) {
+                            }
+                        }
+                    }
                     tls = ThreadCtx{};
                 };
+                if (blk.turns) {
+                    std::lock_guard<std::mutex> lk(blk.turns->m);
+                    blk.turns->pass_locked();  // the first thread in order starts
+                }
                 try {
                     for (unsigned long long t = 0; t < nthreads; ++t) threads.emplace_back(run_thread, t);
                 } catch (const std::system_error& e) {

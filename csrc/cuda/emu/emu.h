@@ -91,6 +91,7 @@ struct ThreadCtx {
     Block* block = nullptr;
     Warp* warp = nullptr;
     unsigned lane = 0;            // 0..31 within the warp
+    unsigned linear = 0;          // thread index within the block
     std::uint64_t syncs = 0;      // __syncthreads() calls so far
     std::uint64_t collectives = 0;  // warp shuffles/votes/__syncwarp so far
 };
@@ -106,6 +107,12 @@ std::uint64_t exchange(unsigned mask, std::uint64_t mine, unsigned src_lane, con
 // Ballot: bit i set when lane i's predicate is true.
 unsigned ballot(unsigned mask, bool pred, const char* op);
 void* dynamic_shared();
+// How a block's threads are run: "threads" (default; all at once, the OS
+// interleaves them), "forward" / "reverse" (one at a time in thread order,
+// switching only at barriers: a missing barrier shows up deterministically).
+// The default comes from NUMFORMER_EMU_SCHEDULE. Returns the previous one.
+std::string set_schedule(const std::string& name);
+int schedule();
 std::mutex& atomic_mutex();
 
 // Run `body` as a launch: grid × block threads, `smem` bytes of dynamic shared
