@@ -8,7 +8,9 @@
 //
 //  * every thread of a block is a real OS thread (std::thread), so threads
 //    interleave as the scheduler likes and a missing barrier can show up as
-//    a wrong answer;
+//    a wrong answer; with set_schedule("forward"/"reverse") they instead run
+//    one at a time in thread order, switching only at barriers, so a missing
+//    barrier shows up deterministically (see emu.cpp, Turns);
 //  * __syncthreads() is a barrier over the block's live threads;
 //  * a warp is 32 consecutive threads (linear thread index / 32); warp
 //    shuffles and votes are a barrier over the warp's live lanes plus an
