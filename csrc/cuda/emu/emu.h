@@ -1,6 +1,6 @@
 // emu.h — run CUDA kernel source on the CPU, for testing kernel *logic*.
 //
-// Our machines have nvcc but no GPU. The kernels in csrc/cuda/*.cuh are
+// Our machines have nvcc but no GPU. The kernels in csrc/cuda/*.cu are
 // written so that this header, included instead of the CUDA runtime when the
 // compiler is not nvcc, turns them into ordinary C++ that runs a launch
 // faithfully enough to check the arithmetic, the indexing, the tile edges and
