@@ -8,12 +8,19 @@ selected implementation.
 Selection, in order of precedence:
 
 1. ``with numformer.backend.use("numpy"):`` — a context manager (thread-local),
-2. the environment variable ``NUMFORMER_BACKEND=numpy|cpu``,
+2. the environment variable ``NUMFORMER_BACKEND=numpy|cpu|cuda``,
 3. the default: ``cpu`` when the extension imports, else ``numpy``.
 
 A missing or broken extension never raises for the user: we fall back to
-NumPy and warn once. Asking *explicitly* for ``cpu`` when it is unavailable
-is an error, because the user asked for something we cannot give.
+NumPy and warn once. Asking *explicitly* for ``cpu`` or ``cuda`` when it is
+unavailable is an error, because the user asked for something we cannot give.
+
+``cuda`` (opt-in, never the default): matmul, softmax and attention on
+float32 arrays run on the GPU through ``numformer._cuda`` — each call copies
+its NumPy inputs to the device and the result back, so it pays off for large
+operations; code that keeps data on the device uses ``numformer._cuda``'s
+``DeviceArray`` directly. Everything else (float64, the fused LayerNorm/GELU/…
+kernels) runs on ``numformer._cpu`` when it is available, else NumPy.
 """
 
 from __future__ import annotations
@@ -25,13 +32,16 @@ import warnings
 
 import numpy as np
 
-BACKENDS = ("numpy", "cpu")
+BACKENDS = ("numpy", "cpu", "cuda")
 
 _state = threading.local()
 _cpu_module = None
 _cpu_error: str | None = None
 _cpu_probed = False
 _warned = False
+_cuda_module = None
+_cuda_error: str | None = None
+_cuda_probed = False
 
 
 def _load_cpu():
@@ -53,6 +63,40 @@ def cpu_available() -> bool:
     return _load_cpu() is not None
 
 
+def _load_cuda():
+    """Import ``numformer._cuda`` once and check for a device; remember why not."""
+    global _cuda_module, _cuda_error, _cuda_probed
+    if not _cuda_probed:
+        _cuda_probed = True
+        try:
+            from numformer import _cuda  # type: ignore[attr-defined]
+        except Exception as exc:
+            _cuda_error = (f"numformer._cuda is not built ({type(exc).__name__}: {exc}); reinstall on a "
+                           "machine with nvcc (pip install . -Ccmake.define.NUMFORMER_CUDA=ON)")
+        else:
+            if _cuda.device_count() > 0:
+                _cuda_module = _cuda
+            else:
+                _cuda_error = "numformer._cuda is built but there is no CUDA device (no GPU or no driver)"
+    return _cuda_module
+
+
+def cuda_available() -> bool:
+    """True when ``numformer._cuda`` imports and sees at least one GPU."""
+    return _load_cuda() is not None
+
+
+def _require(name: str) -> None:
+    if name == "cpu" and not cpu_available():
+        raise RuntimeError(
+            f"backend 'cpu' was requested but numformer._cpu is unavailable ({_cpu_error}); "
+            "reinstall with a C++17 compiler (pip install .) or use NUMFORMER_BACKEND=numpy"
+        )
+    if name == "cuda" and not cuda_available():
+        raise RuntimeError(f"backend 'cuda' was requested but {_cuda_error}; "
+                           "use NUMFORMER_BACKEND=cpu or numpy")
+
+
 def _validate(name: str) -> str:
     name = name.strip().lower()
     if name not in BACKENDS:
@@ -70,13 +114,9 @@ def current() -> str:
             explicit = _validate(env)
     if explicit == "numpy":
         return "numpy"
-    if explicit == "cpu":
-        if not cpu_available():
-            raise RuntimeError(
-                f"backend 'cpu' was requested but numformer._cpu is unavailable ({_cpu_error}); "
-                "reinstall with a C++17 compiler (pip install .) or use NUMFORMER_BACKEND=numpy"
-            )
-        return "cpu"
+    if explicit in ("cpu", "cuda"):
+        _require(explicit)
+        return explicit
     if cpu_available():
         return "cpu"
     if not _warned:
@@ -91,20 +131,40 @@ def current() -> str:
 
 @contextlib.contextmanager
 def use(name: str):
-    """Run the enclosed block on backend ``name`` ("numpy" or "cpu").
+    """Run the enclosed block on backend ``name`` ("numpy", "cpu" or "cuda").
 
     >>> with use("numpy"):
     ...     y = matmul(a, b)
     """
     name = _validate(name)
-    if name == "cpu" and not cpu_available():
-        raise RuntimeError(f"backend 'cpu' is unavailable: {_cpu_error}")
+    _require(name)
     previous = getattr(_state, "name", None)
     _state.name = name
     try:
         yield
     finally:
         _state.name = previous
+
+
+def _cpu_kernels() -> bool:
+    """The C++ kernels run: backend ``cpu``, or ``cuda`` for what has no CUDA kernel."""
+    return current() in ("cpu", "cuda") and _cpu_module is not None
+
+
+def _cuda_f32(*arrays) -> bool:
+    """Backend ``cuda`` and every given array (None = absent) is float32."""
+    return current() == "cuda" and all(a is None or (isinstance(a, np.ndarray) and a.dtype == np.float32)
+                                       for a in arrays)
+
+
+def _dev(x):
+    """NumPy -> a new ``numformer._cuda.DeviceArray`` (host -> device copy)."""
+    return None if x is None else _cuda_module.to_device(np.ascontiguousarray(x))
+
+
+def _host(d) -> np.ndarray:
+    """DeviceArray -> a new NumPy array (device -> host copy)."""
+    return np.asarray(d)
 
 
 # --------------------------------------------------------------------------
@@ -141,6 +201,16 @@ def matmul(a: np.ndarray, b: np.ndarray, trans_a: bool = False, trans_b: bool = 
     """
     if accumulate and out is None:
         raise ValueError("matmul: accumulate=True needs an out array")
+    if _cuda_f32(a, b, bias, out) and a.ndim in (2, 3) and a.ndim == b.ndim:
+        a2, ta = _as_kernel_operand(a, trans_a)
+        b2, tb = _as_kernel_operand(b, trans_b)
+        d_out = _dev(out) if accumulate else None
+        r = _host(_cuda_module.matmul(_dev(a2), _dev(b2), ta, tb, bias=_dev(bias), out=d_out,
+                                      accumulate=accumulate))
+        if out is None:
+            return r
+        out[...] = r
+        return out
     if _use_cpu_matmul(a, b, out):
         a2, ta = _as_kernel_operand(a, trans_a)
         b2, tb = _as_kernel_operand(b, trans_b)
@@ -161,7 +231,7 @@ def matmul(a: np.ndarray, b: np.ndarray, trans_a: bool = False, trans_b: bool = 
 
 def _use_cpu_matmul(a, b, out) -> bool:
     """The kernel takes 2-D or 3-D operands of one float dtype (and a contiguous out)."""
-    return (current() == "cpu" and a.dtype == b.dtype and a.dtype in (np.float32, np.float64)
+    return (_cpu_kernels() and a.dtype == b.dtype and a.dtype in (np.float32, np.float64)
             and a.ndim in (2, 3) and a.ndim == b.ndim
             and (out is None or (out.dtype == a.dtype and out.flags.c_contiguous)))
 
@@ -215,7 +285,10 @@ def softmax(x: np.ndarray, scale: float = 1.0, mask: np.ndarray | None = None,
     query i sees keys j ≤ i + Tk − Tq only. ``-inf`` entries get probability 0
     and a row that is entirely ``-inf`` gives all zeros (not NaN).
     """
-    if current() == "cpu" and x.dtype in (np.float32, np.float64) and x.ndim >= 1 \
+    if _cuda_f32(x, mask) and x.ndim >= 1 and (mask is None or 1 <= mask.ndim <= x.ndim) \
+            and (not causal or x.ndim >= 2):
+        return _host(_cuda_module.softmax_forward(_dev(x), scale=scale, mask=_dev(mask), causal=causal))
+    if _cpu_kernels() and x.dtype in (np.float32, np.float64) and x.ndim >= 1 \
             and (mask is None or (mask.dtype == x.dtype and 1 <= mask.ndim <= x.ndim)) \
             and (not causal or x.ndim >= 2):
         m = None if mask is None else np.ascontiguousarray(mask)
@@ -230,7 +303,9 @@ def softmax(x: np.ndarray, scale: float = 1.0, mask: np.ndarray | None = None,
 def softmax_backward(dy: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """``dx = scale · y ⊙ (dy − Σ_j dy_j y_j)`` over the last axis: the gradient
     of ``softmax(scale·x + mask)`` with respect to ``x`` (``y`` is its output)."""
-    if current() == "cpu" and dy.dtype == y.dtype and y.dtype in (np.float32, np.float64) \
+    if _cuda_f32(dy, y) and dy.shape == y.shape and y.ndim >= 1:
+        return _host(_cuda_module.softmax_backward(_dev(dy), _dev(y), scale=scale))
+    if _cpu_kernels() and dy.dtype == y.dtype and y.dtype in (np.float32, np.float64) \
             and dy.shape == y.shape:
         return _cpu_module.softmax_backward(np.ascontiguousarray(dy), np.ascontiguousarray(y), scale=scale)
     from numformer.ops import softmax as softmax_op
@@ -250,7 +325,7 @@ def softmax_backward(dy: np.ndarray, y: np.ndarray, scale: float = 1.0) -> np.nd
 def fused(*arrays: np.ndarray) -> bool:
     """True when the fused float32 kernels of ``numformer._cpu`` should run:
     the cpu backend is active, the extension has them, and every array is float32."""
-    if current() != "cpu" or not hasattr(_cpu_module, "layernorm_forward"):
+    if not _cpu_kernels() or not hasattr(_cpu_module, "layernorm_forward"):
         return False
     return all(a.dtype == np.float32 for a in arrays)
 
@@ -325,7 +400,7 @@ def _attention_rows(x: np.ndarray) -> np.ndarray:
 
 
 def _cpu_attention_ok(*arrays) -> bool:
-    if current() != "cpu" or not hasattr(_cpu_module, "attention_forward"):
+    if not _cpu_kernels() or not hasattr(_cpu_module, "attention_forward"):
         return False
     dt = arrays[0].dtype
     return dt in (np.float32, np.float64) and all(
@@ -338,8 +413,15 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool 
     """``softmax(q kᵀ/√D + mask) v`` -> (out (B, H, Tq, D), cache for :func:`attention_backward`).
 
     On ``cpu`` the cache is ``("flash", q, k, v, out, lse, causal, key_mask)``
-    (no Tq×Tk array); on ``numpy`` it is ``("reference", cache)`` with P inside.
+    (no Tq×Tk array); on ``cuda`` the same tensors as device arrays
+    (``("cuda", …)``, so the backward copies only ``dout`` in); on ``numpy``
+    it is ``("reference", cache)`` with P inside.
     """
+    if _cuda_f32(q, k, v) and q.ndim == k.ndim == v.ndim == 4 and 1 <= q.shape[-1] <= 128:
+        km = None if key_mask is None else np.ascontiguousarray(key_mask, dtype=bool)
+        dq_, dk_, dv_ = _dev(q), _dev(k), _dev(v)
+        d_out, d_lse = _cuda_module.attention_forward(dq_, dk_, dv_, causal=causal, key_mask=km)
+        return _host(d_out), ("cuda", dq_, dk_, dv_, d_out, d_lse, causal, km)
     if _cpu_attention_ok(q, k, v):
         q2, k2, v2 = _attention_rows(q), _attention_rows(k), _attention_rows(v)
         km = None if key_mask is None else np.ascontiguousarray(key_mask, dtype=bool)
@@ -353,6 +435,13 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool 
 
 def attention_backward(dout: np.ndarray, cache):
     """dout (B, H, Tq, D) -> dq, dk, dv, on the path that produced ``cache``."""
+    if cache[0] == "cuda":
+        _, q, k, v, out, lse, causal, km = cache
+        if _load_cuda() is None:  # pragma: no cover - the cache came from the GPU
+            raise RuntimeError(f"attention cache was made by numformer._cuda, which is unavailable: {_cuda_error}")
+        grads = _cuda_module.attention_backward(_dev(dout.astype(np.float32, copy=False)), q, k, v, out, lse,
+                                                causal=causal, key_mask=km)
+        return tuple(_host(g) for g in grads)
     if cache[0] == "flash":
         _, q, k, v, out, lse, causal, km = cache
         if not _load_cpu():  # pragma: no cover - the cache came from the kernel
