@@ -272,6 +272,32 @@ def test_matmul_propagates_nan_and_inf():
     assert np.array_equal(np.isposinf(got), np.isposinf(expected))
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 17, 513, 2304, 8197, 20011])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_few_rows_wide_tasks(m, n, threads):
+    """M ≤ 4 streams B (K×N) in tasks of N/threads columns (up to 8192): odd
+    widths, more columns than one task holds, and any thread count agree with
+    NumPy; bias and accumulate take the same path."""
+    rng = np.random.default_rng(m * 1000 + n)
+    k = 37
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    out = rng.standard_normal((m, n)).astype(np.float32)
+    expected = out.astype(np.float64) + a.astype(np.float64) @ b + bias
+    before = _cpu.num_threads()
+    try:
+        _cpu.set_num_threads(threads)
+        got = _cpu.matmul(a, b, bias=bias)
+        _cpu.matmul(a, b, bias=bias, out=out, accumulate=True)
+    finally:
+        _cpu.set_num_threads(before)
+    tol = 1e-5 * (np.abs(a).astype(np.float64) @ np.abs(b) + np.abs(bias) + 1)
+    assert np.all(np.abs(got - (a.astype(np.float64) @ b + bias)) <= tol)
+    assert np.all(np.abs(out - expected) <= tol + 1e-6 * np.abs(expected))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_results_do_not_depend_on_thread_count(dtype):
     """Each output element is computed by one thread in a fixed order: bitwise equal."""
