@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from labelled_data import KEYS, make_dataset  # tests/labelled_data.py
 
 import numformer
 from numformer import backend, cli
@@ -16,26 +17,12 @@ from numformer.tokenizers.wordpiece import WordPieceTokenizer
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures")
 TINY = os.path.join(HERE, "tiny-bert")
-FILLER = "the of and in to was is as for on with that it by at from had an were but be this are not".split()
-KEYS = {"she": ["she", "her"], "he": ["he", "his"], "you": ["you"]}
 
 
 def tiny_vocab():
     words = open(os.path.join(HERE, "wordpiece", "vocab.txt"), encoding="utf-8").read().split("\n")
     return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words[106:200]
 
-
-def make_dataset(n, seed):
-    """A 3-class set the tests build themselves: which pronoun hides among filler words."""
-    rng = np.random.default_rng(seed)
-    texts, labels = [], []
-    for i in range(n):
-        label = list(KEYS)[i % 3]
-        words = list(rng.choice(FILLER, size=rng.integers(3, 12)))
-        words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(KEYS[label])))
-        texts.append(" ".join(words))
-        labels.append(label)
-    return texts, labels
 
 
 @pytest.fixture(scope="module")

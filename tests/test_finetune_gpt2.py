@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from labelled_data import KEYS, make_dataset  # tests/labelled_data.py
 
 from numformer import backend, checkpoint, cli, safetensors
 from numformer.finetune import (FinetuneConfig, GPT2Classifier, _pad, classify, finetune, gpt2_pad_token_id,
@@ -16,26 +17,7 @@ from numformer.models.gpt2 import GPT2, GPT2Config
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures")
 TINY = os.path.join(HERE, "tiny-gpt2")          # HF GPT2LMHeadModel: 2 layers, 64 wide, vocab 500, context 32
-FILLER = "the of and in to was is as for on with that it by at from had an were but be this are not".split()
-KEYS = {"she": ["she", "her"], "he": ["he", "his"], "you": ["you"]}
 
-
-def make_dataset(n, seed):
-    """A 3-class set the tests build themselves: which pronoun hides among filler words.
-
-    For a causal model the pronoun may come anywhere, so the last token has to
-    gather it through attention. At most 12 words: ≤ 23 tokens of the fixture's
-    500-token BPE, inside its 32-position context.
-    """
-    rng = np.random.default_rng(seed)
-    texts, labels = [], []
-    for i in range(n):
-        label = list(KEYS)[i % 3]
-        words = list(rng.choice(FILLER, size=rng.integers(3, 12)))
-        words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(KEYS[label])))
-        texts.append(" ".join(words))
-        labels.append(label)
-    return texts, labels
 
 
 @pytest.fixture(scope="module")
