@@ -438,3 +438,11 @@ def test_generate_rows_runs_a_batch_that_needs_two_streams(served):
     engine_mod.generate_rows(served.model, rows, None, on_token)
     for i, r in enumerate(rows):
         assert got[i] == generate(served.model, r.prompt_ids, r.max_tokens, temperature=0.7, seed=r.seed)
+
+
+def test_generate_rows_refuses_mixed_sampling_settings(served):
+    """One batch stream samples with one temperature/top_p/top_k; the engine groups by batch_key,
+    so mixed settings reaching generate_rows are a bug, reported as such."""
+    rows = [Row(0, [1, 2], 2, 1.0, 1.0, None, 1, []), Row(1, [1, 2], 2, 0.0, 1.0, 5, 2, [])]
+    with pytest.raises(ValueError, match="must share temperature"):
+        engine_mod.generate_rows(served.model, rows, None, lambda i, t: True)
