@@ -13,7 +13,7 @@ from numformer import pretrained
 from numformer.serve import engine as engine_mod
 from numformer.serve.engine import Delta, Done, Engine, Failed, Finish, Job
 from numformer.serve.errors import APIError
-from numformer.serve.models import COMPLETION, load_served_model, plan_completion
+from numformer.serve.models import COMPLETION, Row, load_served_model, plan_completion
 from numformer.serve.protocol import Limits, parse_completion, parse_embedding, parse_json
 from numformer.serve.text import TextStream, _partial_stop_suffix
 
@@ -379,26 +379,70 @@ def test_engine_refuses_when_full_or_stopped(served, monkeypatch):
 
 
 def test_real_generate_rows_matches_generate(served):
-    """The round-robin adapter gives each row what generate() gives it alone, admitted rows included."""
+    """One batch stream gives each row what generate() gives it alone; admit is never called."""
     from numformer.generate import generate
 
     req = parse_completion({"model": "m", "prompt": ["ab", "xyz q", "late"], "n": 2, "seed": 3, "max_tokens": 6,
                             "temperature": 0.9})
     rows, _ = plan_completion(served, req)
-    first, late = rows[:4], rows[4:]
     got = {i: [] for i in range(len(rows))}
-    admitted = []
+    order = []
 
     def on_token(i, t):
         got[i].append(t)
+        order.append(i)
         return len(got[i]) < rows[i].max_tokens
 
     def admit():
-        if admitted:
-            return []
-        admitted.append(1)
-        return late                                   # join after the first step
+        raise AssertionError("a batch stream cannot add rows; generate_rows must not ask for any")
 
-    engine_mod.generate_rows(served.model, first, None, on_token, admit)
+    engine_mod.generate_rows(served.model, rows, None, on_token, admit)
     for i, r in enumerate(rows):
         assert got[i] == generate(served.model, r.prompt_ids, 6, temperature=0.9, seed=r.seed)
+    assert order == list(range(len(rows))) * 6          # every row advances by one token per step
+
+
+def test_context_groups_split_rows_that_do_not_fit_together():
+    """Left padding needs longest prompt + largest max_tokens <= context, so two rows that each fit
+    (a long prompt with few tokens, a short prompt with many) can need separate batch streams."""
+    def row(prompt_len, max_tokens):
+        return Row(0, [1] * prompt_len, max_tokens, 1.0, 1.0, None, None, [])
+
+    rows = [row(28, 4), row(2, 29), row(3, 20), row(20, 3), row(1, 1)]
+    groups = engine_mod.context_groups(rows, 32)
+    assert groups == [[0, 3, 4], [1, 2]]                 # first fit, in order: (28, 4) and (3, 29)
+    for g in groups:
+        assert max(len(rows[i].prompt_ids) for i in g) + max(rows[i].max_tokens for i in g) <= 32
+    assert engine_mod.context_groups(rows[1:3], 32) == [[0, 1]]     # rows that fit together stay together
+    with pytest.raises(ValueError, match="exceeds the context"):
+        engine_mod.context_groups([row(30, 3)], 32)
+
+
+def test_generate_rows_runs_a_batch_that_needs_two_streams(served):
+    """A long-prompt row with few tokens beside a short-prompt row with many: each is valid alone
+    (the protocol layer accepts both), together they overflow one cache; both still get their tokens."""
+    from numformer.generate import generate
+
+    ctx = served.context_length
+    body = {"model": "m", "prompt": [[5] * (ctx - 3), [7, 8]], "max_tokens": 3, "temperature": 0.7, "seed": 9}
+    long_row = plan_completion(served, parse_completion(body))[0][0]
+    short_row = plan_completion(served, parse_completion({**body, "prompt": [7, 8], "max_tokens": ctx - 2}))[0][0]
+    rows = [long_row, short_row]
+    assert engine_mod.context_groups(rows, ctx) == [[0], [1]]
+    got = {0: [], 1: []}
+
+    def on_token(i, t):
+        got[i].append(t)
+        return True                                       # run each row to its max_tokens
+
+    engine_mod.generate_rows(served.model, rows, None, on_token)
+    for i, r in enumerate(rows):
+        assert got[i] == generate(served.model, r.prompt_ids, r.max_tokens, temperature=0.7, seed=r.seed)
+
+
+def test_generate_rows_refuses_mixed_sampling_settings(served):
+    """One batch stream samples with one temperature/top_p/top_k; the engine groups by batch_key,
+    so mixed settings reaching generate_rows are a bug, reported as such."""
+    rows = [Row(0, [1, 2], 2, 1.0, 1.0, None, 1, []), Row(1, [1, 2], 2, 0.0, 1.0, 5, 2, [])]
+    with pytest.raises(ValueError, match="must share temperature"):
+        engine_mod.generate_rows(served.model, rows, None, lambda i, t: True)

@@ -8,11 +8,14 @@ them by sampling settings, and runs each group as one batch:
     queue: [job A (2 rows, T=0.8)] [job B (1 row, T=0.8)] [job C (1 row, T=0)]
     worker: batch {A, B} (same settings) -> then batch {C}
 
-While a batch of completions runs, jobs that arrive with the same settings
-join it between tokens (continuous batching), up to ``max_batch_rows`` live
-sequences; a job with other settings is set aside (deferred) and starts the
-next batch, and from then on nothing more joins the running one, so it
-cannot be starved.
+A batch of completions runs as one batched generation (one forward pass
+per step for all its rows; see :func:`generate_rows`). Its set of rows is
+fixed: jobs that arrive while it runs wait in the queue and form the next
+batch. (The engine still offers an ``admit`` callback through which a
+generator able to add rows between tokens would take compatible waiting
+jobs — same settings, room left, and no job of other settings waiting
+before them, so none can be starved — but :func:`generate_rows` does not
+call it; see its docstring for why.)
 
 Results go back through each job's ``sink`` (a thread-safe callable; the app
 passes one that hands events to the event loop): :class:`Delta` text as it is
@@ -20,8 +23,8 @@ produced, :class:`Finish` per choice, :class:`Done` when the job is complete,
 :class:`Failed` if the model raised. A job whose client went away is
 cancelled and its rows are dropped at the next token.
 
-Where batched generation plugs in: :func:`generate_rows` is the only
-function that touches the model for completions.
+:func:`generate_rows` is the only function that touches the model for
+completions.
 """
 
 from __future__ import annotations
@@ -124,8 +127,8 @@ class Job:
 def batch_key(job: Job) -> tuple:
     """Jobs with equal keys may share a batch.
 
-    The round-robin :func:`generate_rows` could mix any settings; the key is
-    what a batched sampler (one temperature/top-p/top-k per batch) needs.
+    A batch stream samples with one temperature/top-p/top-k for all rows,
+    so those are the key (seeds and ``max_tokens`` are per row).
     """
     if job.kind == EMBEDDING:
         return (EMBEDDING,)
@@ -142,44 +145,83 @@ def generate_rows(model, rows: list[Row], eot_id: int | None, on_token: Callable
 
     The caller ends each row (end-of-text, stop string, ``max_tokens``, a
     cancelled client) by returning False; this function returns when no row
-    is left. Between steps it calls ``admit()``: the rows it returns join the
-    batch, numbered after the rows so far (continuous batching).
+    is left. Rows are numbered by their position in ``rows``.
 
-    PLUG-IN POINT FOR BATCHED GENERATION. Until :mod:`numformer.generate`
-    has a batched API, this loops over the single-sequence
-    :func:`numformer.generate.stream`, advancing the rows in turn by one token
-    each (round robin), so every row of a batch makes progress together and
-    streamed clients see tokens at the same pace. A batched version runs one
-    forward step for all live rows (left padding or per-row positions, a KV
-    cache sized to the longest prompt + max_tokens) and calls ``on_token``
-    for each live row per step. It must keep one random generator per row
-    (seeded with ``row.seed``) so that a seeded request gives the same text
-    whatever it is batched with. One that cannot add rows mid-flight simply
-    never calls ``admit``: waiting requests then form the next batch.
+    Each group of :func:`context_groups` runs as one
+    :func:`numformer.generate.batch_stream`: one forward pass per step for
+    all its rows (left padding, per-row positions, a KV cache sized to the
+    longest prompt + the largest ``max_tokens``), and ``on_token`` is called
+    for every running row per step, in row order. Row b samples from
+    ``np.random.default_rng(row.seed)``, the generator
+    :func:`numformer.generate.stream` uses for that prompt alone, so a
+    seeded request gives the same text whatever it is batched with (up to
+    float32 rounding of the padded batch, which can only flip a sample at a
+    near-tie of the cumulative probabilities).
+
+    ``admit`` is accepted and **not called**: a batch stream has a fixed set
+    of rows, so requests that arrive while it runs wait and form the next
+    batch. The alternative — a second batch stream for the admitted rows,
+    interleaved step by step with the first — would start those requests
+    sooner but costs one more forward pass per step for every admission
+    group, giving back part of what batching wins. The load test in
+    docs/serving.md (32 streaming clients) found this simpler choice good
+    enough: against the round-robin loop that admitted rows between tokens,
+    throughput doubled and time to first token kept its p90 (its p50 rose
+    from about 90 to 140 ms). The callback stays in the
+    signature so a generator that can add rows mid-flight plugs in without
+    changing the engine.
+
+    Groups are run one after another (usually there is one; see
+    :func:`context_groups`).
     """
-    from numformer.generate import stream
+    del admit                                  # see the docstring: a batch stream cannot add rows
+    from numformer.generate import batch_stream
 
-    live: dict = {}
+    settings = {(r.temperature, r.top_p, r.top_k) for r in rows}
+    if len(settings) > 1:
+        raise ValueError(f"the rows of one batch must share temperature, top_p and top_k; got {sorted(settings, key=repr)}")
+    n_ctx = model.cfg.n_positions
+    for group in context_groups(rows, n_ctx):
+        first = rows[group[0]]
+        bs = batch_stream(model, [rows[i].prompt_ids for i in group], [rows[i].max_tokens for i in group],
+                          temperature=first.temperature, top_k=first.top_k,
+                          top_p=None if first.top_p >= 1.0 else first.top_p,
+                          seed=[rows[i].seed for i in group], eot_id=eot_id)
+        for event in bs:
+            if not on_token(group[event.row], int(event.token)):
+                bs.finish(event.row)
 
-    def start(new_rows: list[Row]) -> None:
-        for r in new_rows:
-            live[start.count] = stream(model, r.prompt_ids, r.max_tokens, temperature=r.temperature, top_k=r.top_k,
-                                       top_p=None if r.top_p >= 1.0 else r.top_p, seed=r.seed, eot_id=eot_id)
-            start.count += 1
-    start.count = 0
 
-    start(rows)
-    try:
-        while live:
-            for i in list(live):
-                token = next(live[i], None)
-                if token is None or not on_token(i, int(token)):
-                    live.pop(i).close()
-            if admit is not None and live:
-                start(admit())
-    finally:
-        for it in live.values():
-            it.close()
+def context_groups(rows: list[Row], n_ctx: int) -> list[list[int]]:
+    """Split row indices into groups that each fit one batch stream's KV cache.
+
+    A batch stream left-pads its prompts, so it needs the *longest* prompt +
+    the *largest* ``max_tokens`` to fit ``n_ctx``, while the protocol layer
+    only checks each row on its own (prompt + max_tokens ≤ n_ctx). A
+    long-prompt row with few new tokens and a short-prompt row with many can
+    each fit and still not fit together. Rows are placed first-fit, in
+    order, into the first group they fit (one group in the common case);
+    every row fits a group of its own, so this always succeeds.
+
+    The rows of one batch share their sampling settings (see
+    :func:`batch_key`); ``rows`` must all fit ``n_ctx`` individually.
+    """
+    groups: list[list[int]] = []
+    shape: list[tuple[int, int]] = []           # per group: (longest prompt, largest max_tokens)
+    for i, r in enumerate(rows):
+        p, m = len(r.prompt_ids), r.max_tokens
+        if p + m > n_ctx:
+            raise ValueError(f"row {i}: a prompt of {p} tokens + max_tokens {m} exceeds the context of "
+                             f"{n_ctx} positions (the request checks should have refused it)")
+        for g, (gp, gm) in enumerate(shape):
+            if max(gp, p) + max(gm, m) <= n_ctx:
+                groups[g].append(i)
+                shape[g] = (max(gp, p), max(gm, m))
+                break
+        else:
+            groups.append([i])
+            shape.append((p, m))
+    return groups
 
 
 # ----------------------------------------------------------------------------- the engine
