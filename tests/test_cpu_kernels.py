@@ -272,15 +272,15 @@ def test_matmul_propagates_nan_and_inf():
     assert np.array_equal(np.isposinf(got), np.isposinf(expected))
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8, 9])
 @pytest.mark.parametrize("n", [1, 17, 513, 2304, 8197, 20011])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_few_rows_wide_tasks(m, n, threads):
-    """M ≤ 4 streams B (K×N) in tasks of N/threads columns (up to 8192): odd
+    """M ≤ 8 streams B (K×N) in tasks of N/threads columns (up to 8192): odd
     widths, more columns than one task holds, and any thread count agree with
     NumPy; bias and accumulate take the same path."""
     rng = np.random.default_rng(m * 1000 + n)
-    k = 37
+    k = 37                      # 8 + 8 + 8 + 8 + 4 + 1: every sweep width of the row loop
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
