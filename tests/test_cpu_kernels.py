@@ -298,6 +298,23 @@ def test_few_rows_wide_tasks(m, n, threads):
     assert np.all(np.abs(out - expected) <= tol + 1e-6 * np.abs(expected))
 
 
+@pytest.mark.parametrize("k", [1, 15, 16, 17, 768, 1000])
+def test_few_rows_transposed_b_rows_equal_single_row_products(k):
+    """A·Bᵀ with M ≤ 8 takes four rows per read of a B row (the LM head while
+    decoding a batch); each row's sums keep the one-row order, so every row of
+    the batched product is bitwise the product of that row alone."""
+    rng = np.random.default_rng(k)
+    a = rng.standard_normal((8, k)).astype(np.float32)
+    b = rng.standard_normal((1031, k)).astype(np.float32)     # (N, K), used as Bᵀ
+    bias = rng.standard_normal(1031).astype(np.float32)
+    for m in range(1, 9):
+        batched = _cpu.matmul(a[:m], b, trans_b=True, bias=bias)
+        for i in range(m):
+            assert np.array_equal(batched[i], _cpu.matmul(a[i:i + 1], b, trans_b=True, bias=bias)[0]), (m, i)
+    expected = a.astype(np.float64) @ b.T.astype(np.float64) + bias
+    assert np.allclose(batched, expected, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_results_do_not_depend_on_thread_count(dtype):
     """Each output element is computed by one thread in a fixed order: bitwise equal."""

@@ -439,7 +439,16 @@ NF_INLINE void compute_rows(const GemmProblem<T>& pr, const Tile& t, T* ap, T* /
         for (index_t j = t.j0; j < t.j0 + t.n; ++j) {
             const T* b_row = b + j * k;  // row j of B = column j of op(B)
             const T add = pr.bias ? pr.bias[j] : T(0);
-            for (index_t i = 0; i < m; ++i) {
+            index_t i = 0;
+            for (; i + 4 <= m; i += 4) {  // four dots per read of the B row
+                T d[4];
+                dot4_lanes(rows + i * k, rows + (i + 1) * k, rows + (i + 2) * k, rows + (i + 3) * k, b_row, k, d);
+                for (index_t r = 0; r < 4; ++r) {
+                    T& cij = c[(i + r) * n + j];
+                    cij = (pr.accumulate ? cij : T(0)) + (add + d[r]);
+                }
+            }
+            for (; i < m; ++i) {
                 T& cij = c[i * n + j];
                 cij = (pr.accumulate ? cij : T(0)) + (add + dot_lanes(rows + i * k, b_row, k));
             }

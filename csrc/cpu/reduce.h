@@ -27,6 +27,38 @@ NF_INLINE T dot_lanes(const T* NF_RESTRICT a, const T* NF_RESTRICT b, index_t n)
     return total;
 }
 
+// Σ_j a_r[j] · b_j for four rows a_0..a_3 at once, so that b is read once
+// for all four (the LM head at batch > 1 while decoding). Each result is
+// summed in exactly dot_lanes's order, so it is bitwise equal to it.
+template <typename T>
+NF_INLINE void dot4_lanes(const T* NF_RESTRICT a0, const T* NF_RESTRICT a1, const T* NF_RESTRICT a2,
+                          const T* NF_RESTRICT a3, const T* NF_RESTRICT b, index_t n, T out[4]) {
+    T l0[kLanes] = {}, l1[kLanes] = {}, l2[kLanes] = {}, l3[kLanes] = {};
+    index_t j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+        for (int l = 0; l < kLanes; ++l) {
+            const T bj = b[j + l];
+            l0[l] += a0[j + l] * bj;
+            l1[l] += a1[j + l] * bj;
+            l2[l] += a2[j + l] * bj;
+            l3[l] += a3[j + l] * bj;
+        }
+    T t0 = T(0), t1 = T(0), t2 = T(0), t3 = T(0);
+    for (; j < n; ++j) {
+        t0 += a0[j] * b[j];
+        t1 += a1[j] * b[j];
+        t2 += a2[j] * b[j];
+        t3 += a3[j] * b[j];
+    }
+    for (int l = 0; l < kLanes; ++l) {
+        t0 += l0[l];
+        t1 += l1[l];
+        t2 += l2[l];
+        t3 += l3[l];
+    }
+    out[0] = t0, out[1] = t1, out[2] = t2, out[3] = t3;
+}
+
 // Σ_j a_j
 template <typename T>
 NF_INLINE T sum_lanes(const T* NF_RESTRICT a, index_t n) {
