@@ -47,6 +47,7 @@ from numformer.models.bert import BertConfig, BertModel, load_bert, param_shapes
 from numformer.models.gpt2 import GPT2, GPT2Config
 from numformer.models.gpt2 import param_shapes as gpt2_param_shapes
 from numformer.ops import cross_entropy, dense, dropout
+from numformer.ops.softmax import softmax_reference
 from numformer.optim import AdamW, clip_grad_norm
 from numformer.params import ParamLayout
 from numformer.sentence import mean_pool_backward, mean_pool_forward
@@ -144,7 +145,27 @@ def format_report(report: dict) -> str:
 
 # ----------------------------------------------------------------------------- the model
 
-class BertClassifier:
+class _Classifier:
+    """What both classifiers share: a linear head on a pretrained body, all
+    parameters in one flat buffer ``self.flat``. Subclasses define
+    ``features`` (body + pooling) and ``head_forward`` / ``head_backward``."""
+
+    @property
+    def dtype(self):
+        return self.flat.dtype
+
+    def forward(self, ids, mask=None, tt=None, labels=None, *, train=False, rng=None):
+        """ids: (B, T) -> logits (B, L), loss (with labels) or None, cache for ``backward``."""
+        f, feat_c = self.features(ids, mask, tt, train=train, rng=rng)
+        logits, loss, head_c = self.head_forward(f, labels, train=train, rng=rng)
+        return logits, loss, (feat_c, head_c)
+
+    def predict_proba(self, ids, mask=None, tt=None) -> np.ndarray:
+        """Class probabilities (B, L)."""
+        return softmax_reference(self.forward(ids, mask, tt)[0])
+
+
+class BertClassifier(_Classifier):
     """Encoder + linear head in one flat buffer: ``[encoder params | classifier.weight | classifier.bias]``."""
 
     def __init__(self, cfg: BertConfig, labels: Sequence[str], pooling: str = "mean",
@@ -160,9 +181,7 @@ class BertClassifier:
         enc_shapes = param_shapes(cfg, pooler)
         self.layout = ParamLayout(OrderedDict([*enc_shapes.items(), ("classifier.weight", (L, C)),
                                                ("classifier.bias", (L,))]))
-        self.flat = self.layout.zeros(dtype) if flat is None else flat
-        if self.flat.shape != (self.layout.size,):
-            raise ValueError(f"parameter buffer has {self.flat.size} values, the model needs {self.layout.size}")
+        self.flat = self.layout.buffer(flat, dtype)
         self.n_encoder = ParamLayout(enc_shapes).size
         self.encoder = BertModel(cfg, self.flat[:self.n_encoder], pooler=pooler)   # a view: shares memory
         self.params = self.layout.views(self.flat)
@@ -187,10 +206,6 @@ class BertClassifier:
 
     def pad_id(self, tokenizer) -> int:
         return tokenizer.pad_id
-
-    @property
-    def dtype(self):
-        return self.flat.dtype
 
     def decay_mask(self) -> np.ndarray:
         mask = self.layout.zeros(self.dtype)
@@ -235,11 +250,6 @@ class BertClassifier:
         df, _, _ = dense.backward(dlogits, head_c, grads=(g["classifier.weight"], g["classifier.bias"]))
         return dropout.backward(df, drop_c)                                       # (B, C)
 
-    def forward(self, ids, mask, tt=None, labels=None, *, train=False, rng=None):
-        f, feat_c = self.features(ids, mask, tt, train=train, rng=rng)
-        logits, loss, head_c = self.head_forward(f, labels, train=train, rng=rng)
-        return logits, loss, (feat_c, head_c)
-
     def backward(self, cache, grads: np.ndarray | None = None) -> np.ndarray:
         """Full backward: head, pooling, then every encoder layer (in reverse)."""
         (enc_c, pool_c, hshape), head_c = cache
@@ -256,11 +266,6 @@ class BertClassifier:
             self.encoder.backward(enc_c, dpooled=df, grads=enc_grads)
         return grads
 
-    def predict_proba(self, ids, mask, tt=None) -> np.ndarray:
-        logits, _, _ = self.forward(ids, mask, tt)
-        z = logits - logits.max(axis=-1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=-1, keepdims=True)
 
 
 def last_token_index(ids: np.ndarray, pad_token_id: int, mask: np.ndarray | None = None) -> np.ndarray:
@@ -284,7 +289,7 @@ def last_token_index(ids: np.ndarray, pad_token_id: int, mask: np.ndarray | None
     return np.where(real.any(axis=1), last, 0)
 
 
-class GPT2Classifier:
+class GPT2Classifier(_Classifier):
     """GPT-2 + linear head in one flat buffer: ``[GPT-2 params | score.weight]``.
 
         hidden = ln_f(blocks(wte[ids] + wpe[pos]))      (B, T, C)   :meth:`GPT2.hidden`
@@ -315,9 +320,7 @@ class GPT2Classifier:
         self.labels, self.pad_token_id = list(labels), int(pad_token_id)
         body_shapes = gpt2_param_shapes(cfg)
         self.layout = ParamLayout(OrderedDict([*body_shapes.items(), ("score.weight", (len(labels), cfg.n_embd))]))
-        self.flat = self.layout.zeros(dtype) if flat is None else flat
-        if self.flat.shape != (self.layout.size,):
-            raise ValueError(f"parameter buffer has {self.flat.size} values, the model needs {self.layout.size}")
+        self.flat = self.layout.buffer(flat, dtype)
         self.n_body = ParamLayout(body_shapes).size
         self.body = GPT2(cfg, self.flat[:self.n_body])             # a view: shares memory
         self.params = self.layout.views(self.flat)
@@ -327,10 +330,6 @@ class GPT2Classifier:
     @property
     def cfg(self) -> GPT2Config:
         return self.body.cfg
-
-    @property
-    def dtype(self):
-        return self.flat.dtype
 
     @property
     def max_positions(self) -> int:
@@ -394,11 +393,6 @@ class GPT2Classifier:
         df, _, _ = dense.backward(dlogits, head_c, grads=(self.layout.views(grads)["score.weight"], None))
         return df
 
-    def forward(self, ids, mask=None, tt=None, labels=None, *, train=False, rng=None):
-        f, feat_c = self.features(ids, mask, tt, train=train, rng=rng)
-        logits, loss, head_c = self.head_forward(f, labels, train=train, rng=rng)
-        return logits, loss, (feat_c, head_c)
-
     def backward(self, cache, grads: np.ndarray | None = None) -> np.ndarray:
         """Full backward: head, the last-token gather, then GPT-2 from ``ln_f`` down."""
         (body_c, last, hshape), head_c = cache
@@ -410,11 +404,6 @@ class GPT2Classifier:
         self.body.backward(body_c, grads[:self.n_body], dhidden=dh)               # view: body part
         return grads
 
-    def predict_proba(self, ids, mask=None, tt=None) -> np.ndarray:
-        logits, _, _ = self.forward(ids, mask, tt)
-        z = logits - logits.max(axis=-1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=-1, keepdims=True)
 
 
 def gpt2_pad_token_id(body: GPT2, tokenizer=None) -> int:

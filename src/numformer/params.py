@@ -38,6 +38,18 @@ class ParamLayout:
         """A fresh flat buffer of this layout, all zeros."""
         return np.zeros(self.size, dtype=dtype)
 
+    def buffer(self, flat: np.ndarray | None = None, dtype=np.float32) -> np.ndarray:
+        """``flat`` checked against this layout, or a fresh zero buffer when None.
+
+        A model built on an existing buffer (a slice of a larger one, say)
+        shares its memory: nothing is copied.
+        """
+        if flat is None:
+            return self.zeros(dtype)
+        if flat.shape != (self.size,):
+            raise ValueError(f"parameter buffer has {flat.size} values, the model needs {self.size}")
+        return flat
+
     def views(self, flat: np.ndarray) -> "OrderedDict[str, np.ndarray]":
         """Named views into ``flat``; writing through a view writes the buffer."""
         if flat.ndim != 1 or flat.size != self.size:

@@ -157,9 +157,7 @@ class BertModel:
         self.cfg = cfg.validate()
         self.has_pooler = pooler
         self.layout = ParamLayout(param_shapes(cfg, pooler))
-        self.flat = self.layout.zeros(dtype) if flat is None else flat
-        if self.flat.shape != (self.layout.size,):
-            raise ValueError(f"parameter buffer has {self.flat.size} values, the config needs {self.layout.size}")
+        self.flat = self.layout.buffer(flat, dtype)
         self.params = self.layout.views(self.flat)
 
     @property

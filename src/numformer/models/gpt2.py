@@ -153,9 +153,7 @@ class GPT2:
     def __init__(self, cfg: GPT2Config, flat: np.ndarray | None = None, dtype=np.float32):
         self.cfg = cfg.validate()
         self.layout = ParamLayout(param_shapes(cfg))
-        self.flat = self.layout.zeros(dtype) if flat is None else flat
-        if self.flat.shape != (self.layout.size,):
-            raise ValueError(f"parameter buffer has {self.flat.size} values, the config needs {self.layout.size}")
+        self.flat = self.layout.buffer(flat, dtype)
         self.params = self.layout.views(self.flat)
 
     @property
