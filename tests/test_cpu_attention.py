@@ -32,6 +32,7 @@ import pytest
 
 pytest.importorskip("hypothesis")
 _cpu = pytest.importorskip("numformer._cpu", reason="numformer._cpu (the C++ extension) is not built")
+from kernel_settings import using_isa  # noqa: E402  (tests/kernel_settings.py)
 if not hasattr(_cpu, "attention_forward"):  # pragma: no cover - an older build
     pytest.skip("numformer._cpu has no attention kernels", allow_module_level=True)
 
@@ -48,17 +49,6 @@ SAFETY = 4.0
 T_EDGES = [1, 2, 3, 5, 7, 8, 13, 15, 16, 17, 31, 33, 63, 64, 65, 97, 127, 128, 129]
 seq = st.one_of(st.sampled_from(T_EDGES), st.integers(1, 140))
 dims = st.one_of(st.sampled_from([1, 3, 32, 64, 80, 128]), st.integers(1, 40))
-
-
-class using_isa:
-    def __init__(self, name):
-        self.name = name
-
-    def __enter__(self):
-        self.prev = _cpu.set_isa(self.name)
-
-    def __exit__(self, *exc):
-        _cpu.set_isa(self.prev)
 
 
 def reference(q, k, v, dout, causal, key_mask, scale):

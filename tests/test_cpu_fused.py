@@ -39,6 +39,7 @@ import pytest
 
 pytest.importorskip("hypothesis")
 _cpu = pytest.importorskip("numformer._cpu", reason="numformer._cpu (the C++ extension) is not built")
+from kernel_settings import using_isa, using_threads  # noqa: E402  (tests/kernel_settings.py)
 if not hasattr(_cpu, "layernorm_forward"):
     pytest.skip("numformer._cpu was built without the fused kernels", allow_module_level=True)
 
@@ -56,31 +57,6 @@ ISAS = _cpu.available_isas()
 EDGES = [1, 2, 3, 5, 7, 13, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 127, 128, 129]
 small = st.one_of(st.sampled_from(EDGES), st.integers(1, 70))
 isas = st.sampled_from(ISAS)
-
-
-class using_isa:
-    """Run the kernels with one instruction-set variant, then restore."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        self.previous = _cpu.set_isa(self.name)
-
-    def __exit__(self, *exc):
-        _cpu.set_isa(self.previous)
-
-
-class using_threads:
-    def __init__(self, n: int):
-        self.n = n
-
-    def __enter__(self):
-        self.previous = _cpu.num_threads()
-        _cpu.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        _cpu.set_num_threads(self.previous)
 
 
 def assert_within(actual, ref, bound, what=""):

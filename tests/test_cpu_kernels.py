@@ -24,6 +24,7 @@ import pytest
 
 pytest.importorskip("hypothesis")
 _cpu = pytest.importorskip("numformer._cpu", reason="numformer._cpu (the C++ extension) is not built")
+from kernel_settings import using_isa, using_threads  # noqa: E402  (tests/kernel_settings.py)
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -58,19 +59,6 @@ sizes = st.one_of(st.sampled_from(EDGE_SIZES), st.integers(0, 160))
 
 def eps(dtype) -> float:
     return float(np.finfo(dtype).eps)
-
-
-class using_isa:
-    """Run the kernels with one instruction-set variant, then restore."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        self.previous = _cpu.set_isa(self.name)
-
-    def __exit__(self, *exc):
-        _cpu.set_isa(self.previous)
 
 
 # ---------------------------------------------------------------------------
@@ -286,13 +274,9 @@ def test_few_rows_wide_tasks(m, n, threads):
     bias = rng.standard_normal(n).astype(np.float32)
     out = rng.standard_normal((m, n)).astype(np.float32)
     expected = out.astype(np.float64) + a.astype(np.float64) @ b + bias
-    before = _cpu.num_threads()
-    try:
-        _cpu.set_num_threads(threads)
+    with using_threads(threads):
         got = _cpu.matmul(a, b, bias=bias)
         _cpu.matmul(a, b, bias=bias, out=out, accumulate=True)
-    finally:
-        _cpu.set_num_threads(before)
     tol = 1e-5 * (np.abs(a).astype(np.float64) @ np.abs(b) + np.abs(bias) + 1)
     assert np.all(np.abs(got - (a.astype(np.float64) @ b + bias)) <= tol)
     assert np.all(np.abs(out - expected) <= tol + 1e-6 * np.abs(expected))
