@@ -496,22 +496,12 @@ NF_ATTN_VARIANT(avx512, NF_TARGET("avx512f,avx2,fma"), Avx512Cfg)
 
 template <typename T>
 ForwardFn<T> forward_for(Isa isa) {
-#if NUMFORMER_X86_DISPATCH
-    if (isa == Isa::avx512) return forward_avx512<T>;
-    if (isa == Isa::avx2) return forward_avx2<T>;
-#endif
-    (void)isa;
-    return forward_generic<T>;
+    return NF_PICK_ISA(isa, forward_generic<T>, forward_avx2<T>, forward_avx512<T>);
 }
 
 template <typename T>
 BackwardFn<T> backward_for(Isa isa) {
-#if NUMFORMER_X86_DISPATCH
-    if (isa == Isa::avx512) return backward_avx512<T>;
-    if (isa == Isa::avx2) return backward_avx2<T>;
-#endif
-    (void)isa;
-    return backward_generic<T>;
+    return NF_PICK_ISA(isa, backward_generic<T>, backward_avx2<T>, backward_avx512<T>);
 }
 
 // 64-byte aligned scratch, one per thread, kept between calls (OpenMP

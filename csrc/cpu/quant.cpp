@@ -170,12 +170,7 @@ using StreamFn = void (*)(const float*, const std::int8_t*, bool, const float*, 
                           index_t, index_t, index_t, index_t);
 
 StreamFn stream_for(Isa isa) {
-#if NUMFORMER_X86_DISPATCH
-    if (isa == Isa::avx512) return avx512::stream_blocks;
-    if (isa == Isa::avx2) return avx2::stream_blocks;
-#endif
-    (void)isa;
-    return generic::stream_blocks;
+    return NF_PICK_ISA(isa, generic::stream_blocks, avx2::stream_blocks, avx512::stream_blocks);
 }
 
 // float(q) for elements [i0, i1) of a (K, N) q: exact, vectorised by the compiler.

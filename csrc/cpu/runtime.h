@@ -52,6 +52,18 @@ std::string env_warnings();
 // ---- instruction set ------------------------------------------------------
 enum class Isa { generic = 0, avx2 = 1, avx512 = 2 };
 
+// The copy of a kernel compiled for `isa`, given its generic, AVX2 and
+// AVX-512 copies. A macro, not a function, so that a build without x86
+// dispatch never names the AVX copies (they are not compiled there).
+#if NUMFORMER_X86_DISPATCH
+#define NF_PICK_ISA(isa, generic_fn, avx2_fn, avx512_fn) \
+    ((isa) == Isa::avx512 ? (avx512_fn) : (isa) == Isa::avx2 ? (avx2_fn) : (generic_fn))
+#else
+// (both arms name the generic copy: the condition only marks `isa` as used,
+// and a conditional gives the template-id a type where a comma would not)
+#define NF_PICK_ISA(isa, generic_fn, avx2_fn, avx512_fn) ((isa) == Isa::generic ? (generic_fn) : (generic_fn))
+#endif
+
 const char* isa_name(Isa isa);
 bool isa_from_name(const std::string& name, Isa* out);
 std::vector<Isa> supported_isas();  // what this CPU (and build) can run

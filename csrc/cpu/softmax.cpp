@@ -258,31 +258,16 @@ void backward_avx512(const T* dy, const T* y, T* dx, index_t r0, index_t r1, ind
 #endif
 
 ForwardFn<float> forward_for(Isa isa, float /*tag*/) {
-#if NUMFORMER_X86_DISPATCH
-    if (isa == Isa::avx512) return forward_avx512_f32;
-    if (isa == Isa::avx2) return forward_avx2<float>;
-#endif
-    (void)isa;
-    return forward_generic<float>;
+    return NF_PICK_ISA(isa, forward_generic<float>, forward_avx2<float>, forward_avx512_f32);
 }
 
 ForwardFn<double> forward_for(Isa isa, double /*tag*/) {
-#if NUMFORMER_X86_DISPATCH
-    if (isa == Isa::avx512) return forward_avx512<double>;
-    if (isa == Isa::avx2) return forward_avx2<double>;
-#endif
-    (void)isa;
-    return forward_generic<double>;
+    return NF_PICK_ISA(isa, forward_generic<double>, forward_avx2<double>, forward_avx512<double>);
 }
 
 template <typename T>
 BackwardFn<T> backward_for(Isa isa) {
-#if NUMFORMER_X86_DISPATCH
-    if (isa == Isa::avx512) return backward_avx512<T>;
-    if (isa == Isa::avx2) return backward_avx2<T>;
-#endif
-    (void)isa;
-    return backward_generic<T>;
+    return NF_PICK_ISA(isa, backward_generic<T>, backward_avx2<T>, backward_avx512<T>);
 }
 
 // Rows split into one contiguous chunk per thread; below ~32k elements the
