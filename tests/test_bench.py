@@ -11,7 +11,7 @@ import pytest
 from numformer.bench import report
 from numformer.bench.profile import OpProfiler
 from numformer.bench.runner import select
-from numformer.bench.timing import Stats, measure, summarize
+from numformer.bench.timing import Stats, measure, summarize, wait_until_idle
 
 
 class FakeClock:
@@ -101,6 +101,46 @@ def test_measure_without_warmup_runs_exactly_min_runs_and_sleeps_between():
     assert clock.calls == ["A", "B", "B", "A"]
     assert clock.sleeps == [0.01] * 4
     assert stats["A"].median == 3.0 and stats["B"].median == 4.0
+
+
+def test_measure_settles_before_every_sample_instead_of_a_fixed_gap():
+    clock = FakeClock()
+    settled: list[int] = []
+    impls = {"A": clock.impl("A", [1.0]), "B": clock.impl("B", [2.0])}
+    measure(impls, min_runs=3, max_runs=3, warmup=0, gap=0.5, settle=lambda: settled.append(len(clock.calls)),
+            clock=clock, sleep=clock.sleep)
+    assert settled == [0, 1, 2, 3, 4, 5]          # once before each of the 6 samples
+    assert clock.sleeps == []                     # settle replaces the gap
+
+
+class CpuBurner:
+    """Wall and CPU clocks for wait_until_idle: other threads spin for ``spin_s`` more seconds."""
+
+    def __init__(self, spin_s: float, threads: int = 1):
+        self.wall = 0.0
+        self.cpu = 0.0
+        self.spin_s, self.threads = spin_s, threads
+
+    def sleep(self, s: float) -> None:
+        busy = min(s, max(0.0, self.spin_s - self.wall))
+        self.cpu += busy * self.threads
+        self.wall += s
+
+
+def test_wait_until_idle_waits_for_spinning_threads_to_stop():
+    m = CpuBurner(spin_s=0.1, threads=2)
+    waited = wait_until_idle(slice_s=0.005, clock=lambda: m.wall, cpu_clock=lambda: m.cpu, sleep=m.sleep)
+    assert 0.1 <= waited <= 0.1 + 2 * 0.005       # the first slice with no CPU burnt ends it
+
+
+def test_wait_until_idle_returns_at_once_when_idle_and_gives_up_at_max_wait():
+    idle = CpuBurner(spin_s=0.0)
+    assert wait_until_idle(slice_s=0.005, clock=lambda: idle.wall, cpu_clock=lambda: idle.cpu,
+                           sleep=idle.sleep) == pytest.approx(0.005)
+    forever = CpuBurner(spin_s=1e9)
+    waited = wait_until_idle(slice_s=0.005, max_wait=0.05, clock=lambda: forever.wall,
+                             cpu_clock=lambda: forever.cpu, sleep=forever.sleep)
+    assert 0.05 <= waited < 0.06
 
 
 def test_measure_validates_and_handles_empty():

@@ -25,7 +25,7 @@ from numformer.bench.machine import describe, measure_peaks, numpy_sgemm_gflops,
 from numformer.bench.model_cases import model_cases, transformers_module
 from numformer.bench.threads import (cpu_module, default_threads, limit_threads, numpy_threads_settable,
                                      torch_module)
-from numformer.bench.timing import measure, summarize
+from numformer.bench.timing import measure, summarize, wait_until_idle
 
 EXTRA_HINT = 'pip install "numformer[bench]"  (torch==2.13.0, transformers, matplotlib, threadpoolctl)'
 
@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-profile", action="store_true", help="skip the per-op breakdown of the training step")
     p.add_argument("--list", action="store_true", help="list the cases (after --filter) and exit")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)    # tiny sizes, for tests
-    p.add_argument("--gap", type=float, default=None, help=argparse.SUPPRESS)  # idle seconds between impls
+    p.add_argument("--gap", type=float, default=None, help=argparse.SUPPRESS)  # fixed idle seconds instead of settling
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +82,9 @@ def run(args) -> int:
     threads = args.threads if args.threads is not None else default_threads()
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
-    gap = args.gap if args.gap is not None else (0.0 if args.tiny else 0.01)
+    # Between implementations: wait until the previous one's thread pool sleeps
+    # (see timing.py, rule 5), or a fixed gap when one is given (tests: 0).
+    gap = args.gap if args.gap is not None else (0.0 if args.tiny else None)
     use_torch = not args.no_torch and torch_module() is not None
     cases = select(build_cases(sizes, use_torch), args.filter)
     if not cases:
@@ -144,6 +146,9 @@ def _method_notes(peaks: dict) -> list[str]:
     return [
         "Times are medians of >= 5 interleaved runs after a warm-up (model rows: warm-up + "
         "the stated runs); 'vs NumPy' = t_NumPy / t_ours, above 1 means ours is faster.",
+        "Before every timed sample the run waits until the process is idle, so that the previous "
+        "implementation's spinning pool threads (OpenBLAS spins ~0.1 s after a call) do not take a "
+        "core from the next one.",
         "Rates: GEMM 2·M·K·N FLOP; softmax bytes read + written (fwd 8 B/element, bwd 12 B/element); "
         "causal attention (matmuls)·B·H·T(T+1)·D FLOP with 2 matmuls for fwd and 7 for fwd+bwd.",
         f"'of peak' compares ours with this run's FMA peak ({peaks.get('fma_method')}), copy bandwidth, "
@@ -174,7 +179,7 @@ def gemm_rate(rows: list[report.Row], threads: int) -> float | None:
     return statistics.median(rates) if rates else None
 
 
-def run_case(case: Case, sizes: Sizes, threads: int, peaks: dict, rows: list, gap: float,
+def run_case(case: Case, sizes: Sizes, threads: int, peaks: dict, rows: list, gap: float | None,
              profile: bool = True, use_torch: bool = True):
     """Set up, time and describe one case -> (Row, breakdown or None)."""
     th = case.threads or threads
@@ -226,10 +231,11 @@ def run_case(case: Case, sizes: Sizes, threads: int, peaks: dict, rows: list, ga
     return row, breakdown
 
 
-def _measure_guarded(impls: dict, case: Case, sizes: Sizes, gap: float, runs: int | None = None):
+def _measure_guarded(impls: dict, case: Case, sizes: Sizes, gap: float | None, runs: int | None = None):
     """Time all implementations together; if one fails, drop it (with a note) and time the rest."""
     kwargs = dict(min_runs=runs or case.min_runs, max_runs=runs or case.max_runs,
-                  warmup=0 if runs else case.warmup, budget=case.budget or sizes.budget, gap=gap)
+                  warmup=0 if runs else case.warmup, budget=case.budget or sizes.budget,
+                  gap=gap or 0.0, settle=wait_until_idle if gap is None else None)
     try:
         return measure(impls, **kwargs), []
     except Exception:

@@ -15,9 +15,14 @@ The rules, in order of importance:
    sample, so that each sample lasts at least ``min_sample`` seconds and the
    clock's resolution and call overhead do not matter; the number of rounds
    grows (up to ``max_runs``) while the whole measurement fits ``budget``.
-5. A short **gap** (``gap`` seconds, not timed) separates two implementations,
-   so that the spinning worker threads of one thread pool (OpenMP, OpenBLAS)
-   have gone to sleep before the next one starts.
+5. **Settle** before every sample: wait until the process is idle, so that
+   the worker threads of the *previous* implementation's thread pool have
+   stopped spinning before the next one starts (:func:`wait_until_idle`).
+   OpenBLAS workers busy-wait about 2^28 cycles (≈ 0.1 s here) after each
+   call and our OpenMP workers a few milliseconds; with a fixed 10 ms gap the
+   spinning OpenBLAS threads took one of the two cores from whatever ran
+   next, which cost our GEMM 15-45% on the short GPT-2 shapes in the tables
+   before this rule (measured: 4096×768×768 at 141 vs 183 GFLOP/s).
 
 Clock and sleep are parameters so that the tests can drive this with a fake
 clock.
@@ -53,8 +58,29 @@ def summarize(samples: list[float], inner: int = 1) -> Stats:
     return Stats(statistics.median(samples), min(samples), len(samples), inner, list(samples))
 
 
+def wait_until_idle(*, slice_s: float = 0.005, busy: float = 0.1, max_wait: float = 0.5,
+                    clock: Callable[[], float] = time.perf_counter,
+                    cpu_clock: Callable[[], float] = time.process_time,
+                    sleep: Callable[[float], None] = time.sleep) -> float:
+    """Sleep until this process uses (almost) no CPU; returns the seconds waited.
+
+    While we sleep, any CPU time the process still burns is other threads
+    spinning: a thread pool's workers waiting for the next parallel region.
+    Returns once a ``slice_s`` sleep saw less than ``busy`` cores' worth of
+    CPU time, or after ``max_wait`` seconds (a pool that never sleeps).
+    """
+    start = clock()
+    while True:
+        t0, c0 = clock(), cpu_clock()
+        sleep(slice_s)
+        elapsed = clock() - t0
+        if cpu_clock() - c0 < busy * max(elapsed, slice_s) or clock() - start >= max_wait:
+            return clock() - start
+
+
 def measure(impls: Mapping[str, Callable[[], object]], *, min_runs: int = 5, max_runs: int = 25,
             warmup: int = 1, min_sample: float = 0.01, budget: float = 2.0, gap: float = 0.0,
+            settle: Callable[[], object] | None = None,
             clock: Callable[[], float] = time.perf_counter,
             sleep: Callable[[float], None] = time.sleep) -> dict[str, Stats]:
     """Time every callable in ``impls``; returns ``{name: Stats}`` (seconds per call).
@@ -63,8 +89,16 @@ def measure(impls: Mapping[str, Callable[[], object]], *, min_runs: int = 5, max
     rounds of all implementations together; it only ever *adds* rounds
     beyond ``min_runs``. With ``warmup=0`` nothing is estimated: every sample
     is one call and exactly ``min_runs`` rounds run (for slow end-to-end cases
-    that warm up on their own).
+    that warm up on their own). Before an implementation's first warm-up call
+    and before every sample, ``settle()`` runs when given (e.g.
+    :func:`wait_until_idle`), else ``sleep(gap)`` when ``gap`` > 0.
     """
+    def pause() -> None:
+        if settle is not None:
+            settle()
+        elif gap:
+            sleep(gap)
+
     names = list(impls)
     if not names:
         return {}
@@ -86,8 +120,8 @@ def measure(impls: Mapping[str, Callable[[], object]], *, min_runs: int = 5, max
             return calls < 2 or spent - first < 2 * min_sample
 
         while warmup and more():
-            if gap and calls == 0:
-                sleep(gap)
+            if calls == 0:
+                pause()
             t0 = clock()
             impls[name]()
             dt = clock() - t0
@@ -107,8 +141,7 @@ def measure(impls: Mapping[str, Callable[[], object]], *, min_runs: int = 5, max
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             fn, k = impls[name], inner[name]
-            if gap:
-                sleep(gap)
+            pause()
             t0 = clock()
             for _ in range(k):
                 fn()
