@@ -14,18 +14,20 @@
 //   whole point of int8 weights — a quarter of float32's memory traffic —
 //   so q is streamed once and converted to float in registers:
 //
-//     task = a block of NB = 64 columns (4 vectors of 16 floats)
-//     for each group of up to 4 rows:               (the block stays in L2)
-//       acc[4][4 vectors] = 0
-//       for p in 0..K−1:
-//         w[v]  = float(q[p, j0 + 16v : j0 + 16v + 16])   sign-extend + convert
-//         acc[i][v] += x[i, p] · w[v]                     FMA, x broadcast
-//       y[i, block] = acc ⊙ s[block] + b[block]
+//     task = a block of NB = 64 columns
+//     for each pass over 4 vectors of those columns (AVX-512: all 64)
+//       for each group of R rows:                  (the block stays in L2)
+//         acc[R][4 vectors] = 0
+//         for p in 0..K−1:
+//           w[v]  = float(q[p, 4 vectors of columns])    sign-extend + convert
+//           acc[i][v] += x[i, p] · w[v]                   FMA, x broadcast
+//         y[i, pass] = acc ⊙ s[pass] + b[pass]
 //
-//   16 accumulators + 4 weight vectors fit the 32 zmm (AVX-512) registers;
-//   the vectors are GCC/Clang vector extensions, compiled once per
-//   instruction set (below), so AVX2 splits each into two ymm and the
-//   generic build into four xmm. Threads take contiguous ranges of column
+//   The vectors are each instruction set's own width (GCC/Clang vector
+//   extensions, compiled once per instruction set, below) and R is chosen so
+//   that accumulators and weights fit its registers: AVX-512 one pass of
+//   16-float zmm with R = 4; AVX2 two passes of 8-float ymm with R = 2; the
+//   generic build four passes of 4-float xmm. Threads take contiguous ranges of column
 //   blocks; every output element is one thread's sum in a fixed order, so
 //   results do not depend on the thread count.
 //
@@ -77,11 +79,7 @@
 namespace numformer::cpu {
 namespace {
 
-constexpr int kLanes = 16;              // floats per vector (64 bytes)
-constexpr int kNV = 4;                  // vectors per column block
-constexpr index_t kNB = kLanes * kNV;   // 64 columns per block
-static_assert(kNB == kInt8PackCols, "the packed layout's block is one column block");
-constexpr int kMR = 4;                  // rows per register tile
+constexpr index_t kNB = kInt8PackCols;  // columns per block (64: one cache line of q per row)
 // Prefetch q this many rows ahead. A block reads one 64-byte line per row of
 // q, N bytes apart: with N ≥ 2048 that is one line per 4 KiB page, which the
 // hardware stream prefetchers do not follow. 64 rows ahead measured 8–10 %
@@ -93,24 +91,25 @@ constexpr index_t kStreamGrainBytes = index_t(1) << 18;
 // ---------------------------------------------------------------------------
 // The streaming kernel, once per instruction set
 // ---------------------------------------------------------------------------
-// quant_stream.inc holds the loops; each namespace below supplies the vector
-// type VF (16 floats) and load16(p): 16 int8 at p → 16 floats, exact. (GCC 12
+// quant_stream.inc holds the loops; each namespace below supplies the
+// vector type VF, its shape constants and loadv(p): int8 at p → floats, exact. (GCC 12
 // scalarises __builtin_convertvector(int8×16 → float×16) into 16 vcvtsi2ss —
 // the first version ran at 0.4 GB/s — so the widening is written per ISA.)
 
 #if defined(__GNUC__) || defined(__clang__)
 // GCC 12 warns about its own _mm512_cvtepi8_epi32 (an "uninitialized"
 // undefined-vector placeholder) and that a 64-byte vector returned from the
-// (always inlined) baseline load16 would have another ABI; neither applies.
+// (always inlined) baseline loadv would have another ABI; neither applies.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wpsabi"
-namespace generic {
-typedef float VF __attribute__((vector_size(64)));
-// A plain loop; the SLP vectoriser turns it into SSE sign-extending unpacks.
-NF_INLINE VF load16(const std::int8_t* p) {
-    float t[16];
-    for (int j = 0; j < 16; ++j) t[j] = float(p[j]);
+namespace generic {  // SSE2 on x86-64, NEON on aarch64: 16-byte vectors
+typedef float VF __attribute__((vector_size(16)));
+constexpr int kVL = 4, kVN = 4, kRows = 2;
+// A plain loop; the SLP vectoriser turns it into sign-extending unpacks.
+NF_INLINE VF loadv(const std::int8_t* p) {
+    float t[kVL];
+    for (int j = 0; j < kVL; ++j) t[j] = float(p[j]);
     VF v;
     std::memcpy(&v, t, sizeof(v));
     return v;
@@ -121,14 +120,13 @@ NF_INLINE VF load16(const std::int8_t* p) {
 #if NUMFORMER_X86_DISPATCH
 NF_PUSH_TARGET("avx2,fma")
 namespace avx2 {
-typedef float VF __attribute__((vector_size(64)));  // two ymm
-// Two × (8 bytes → 8 int32 → 8 floats): vpmovsxbd + vcvtdq2ps.
-NF_INLINE VF load16(const std::int8_t* p) {
-    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+typedef float VF __attribute__((vector_size(32)));  // one ymm
+constexpr int kVL = 8, kVN = 4, kRows = 2;
+// 8 bytes → 8 int32 → 8 floats: vpmovsxbd + vcvtdq2ps.
+NF_INLINE VF loadv(const std::int8_t* p) {
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
     VF v;
-    std::memcpy(&v, &lo, sizeof(lo));
-    std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+    std::memcpy(&v, &f, sizeof(f));
     return v;
 }
 #include "cpu/quant_stream.inc"
@@ -138,8 +136,9 @@ NF_POP_TARGET
 NF_PUSH_TARGET("avx512f,avx2,fma")
 namespace avx512 {
 typedef float VF __attribute__((vector_size(64)));  // one zmm
+constexpr int kVL = 16, kVN = 4, kRows = 4;
 // 16 bytes → 16 int32 → 16 floats: vpmovsxbd + vcvtdq2ps.
-NF_INLINE VF load16(const std::int8_t* p) {
+NF_INLINE VF loadv(const std::int8_t* p) {
     const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
     VF v;
     std::memcpy(&v, &f, sizeof(f));
