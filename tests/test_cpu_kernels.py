@@ -320,6 +320,35 @@ def test_results_do_not_depend_on_thread_count(dtype):
     assert np.array_equal(c1, c5) and np.array_equal(y1, y5) and np.array_equal(d1, d5)
 
 
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("m,n,k", [(3100, 700, 800), (3100, 16, 1100)])
+def test_shared_driver_orders_depth_slices_under_any_thread_count(m, n, k, trans_a, trans_b):
+    """The shared-block driver's task dependencies (double-buffered A and B
+    blocks, each C tile's depth slices in order) across several A blocks (M >
+    MC), depth slices (K > KC) and B blocks (N > NC), with bias and
+    accumulate; more threads than cores forces preemption inside tasks. With
+    N = 16 a task is a few microseconds, so a preempted thread is often still
+    holding a tile's previous slice when the next slice's task comes up.
+    Bitwise equal to one thread, and correct."""
+    rng = np.random.default_rng(11)
+    a, b = random_operands(rng, np.float32, None, m, n, k, trans_a, trans_b)
+    bias = rng.standard_normal(n).astype(np.float32)
+    old = rng.standard_normal((m, n)).astype(np.float32)
+    results = {}
+    for threads in (1, 2, 3, 7, 7, 7, 7, 7):
+        out = old.copy()
+        with using_threads(threads):
+            _cpu.matmul(a, b, trans_a, trans_b, bias=bias, out=out, accumulate=True)
+        results.setdefault(threads, []).append(out)
+    for threads in (2, 3, 7):
+        for out in results[threads]:
+            assert np.array_equal(out, results[1][0]), threads
+    results = {t: r[0] for t, r in results.items()}
+    expected = np.matmul(op(a, trans_a).astype(np.float64), op(b, trans_b).astype(np.float64)) + bias + old
+    tol = matmul_tolerance(op(a, trans_a), op(b, trans_b), k, np.float32, np.abs(bias) + np.abs(old))
+    assert_within(results[2], expected, tol, f"{m}x{k}x{n} ta={trans_a} tb={trans_b}")
+
+
 def test_concurrent_python_threads():
     """The GIL is released during compute; concurrent calls must not interfere."""
     rng = np.random.default_rng(4)
