@@ -263,12 +263,14 @@ def test_matmul_propagates_nan_and_inf():
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8, 9])
 @pytest.mark.parametrize("n", [1, 17, 513, 2304, 8197, 20011])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_few_rows_wide_tasks(m, n, threads):
-    """M ≤ 8 streams B (K×N) in tasks of N/threads columns (up to 8192): odd
-    widths, more columns than one task holds, and any thread count agree with
-    NumPy; bias and accumulate take the same path."""
-    rng = np.random.default_rng(m * 1000 + n)
-    k = 37                      # 8 + 8 + 8 + 8 + 4 + 1: every sweep width of the row loop
+@pytest.mark.parametrize("k", [37, 300])
+def test_few_rows_wide_tasks(m, n, threads, k):
+    """M ≤ 8 streams B (K×N) in tasks of 128-row depth chunks × up to 8192
+    columns: odd widths, more columns than one task holds, several chunks
+    and a partial one, and any thread count agree with NumPy; bias and
+    accumulate take the same path. (k = 37 = 8 + 8 + 8 + 8 + 4 + 1: every
+    sweep width of the row loop; 300 = 128 + 128 + 44.)"""
+    rng = np.random.default_rng(m * 1000 + n + k)
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
@@ -280,6 +282,27 @@ def test_few_rows_wide_tasks(m, n, threads):
     tol = 1e-5 * (np.abs(a).astype(np.float64) @ np.abs(b) + np.abs(bias) + 1)
     assert np.all(np.abs(got - (a.astype(np.float64) @ b + bias)) <= tol)
     assert np.all(np.abs(out - expected) <= tol + 1e-6 * np.abs(expected))
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+def test_few_rows_depth_chunks_are_deterministic_and_row_independent(trans_a):
+    """The partial sums of the depth chunks are added in chunk order: the same
+    bits for any thread count, and every row of an M ≤ 8 product is bitwise
+    the product of that row alone (a prompt's tokens do not depend on what
+    else is in the decoding batch)."""
+    rng = np.random.default_rng(5)
+    k, n = 1000, 777
+    a = rng.standard_normal((8, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    a_op = np.ascontiguousarray(a.T) if trans_a else a
+    with using_threads(1):
+        one = _cpu.matmul(a_op, b, trans_a=trans_a)
+    for threads in (2, 3, 5):
+        with using_threads(threads):
+            assert np.array_equal(_cpu.matmul(a_op, b, trans_a=trans_a), one), threads
+    for i in range(8):
+        assert np.array_equal(_cpu.matmul(a[i:i + 1], b), one[i:i + 1]), i
+    assert_within(one, a.astype(np.float64) @ b, matmul_tolerance(a, b, k, np.float32), "depth chunks")
 
 
 @pytest.mark.parametrize("k", [1, 15, 16, 17, 768, 1000])

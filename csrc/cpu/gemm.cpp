@@ -105,6 +105,7 @@ using GenericF64 = Config<double, 4, 4, 16, 256, 2048, 256>;
 // batch item `item`.
 struct Tile {
     index_t item, i0, m, j0, n;
+    index_t p0 = 0, p1 = 0;  // depth range (few-rows path, B stored K×N)
 };
 
 // ---------------------------------------------------------------------------
@@ -365,37 +366,52 @@ NF_INLINE void init_rows(T* c, index_t ldc, index_t m, index_t n, const T* bias,
 // Sampling with a KV cache multiplies one token's row at a time (M = 1).
 // Packing a K×N slice of B for a single row would cost more than the product,
 // so this path streams B once, as stored, for all M rows:
-//   B is K×N:  C[i, j0:j1] += op(A)[i, p] · B[p, j0:j1]   for p = 0..K−1
+//   B is K×N:  P_c[i, j0:j1] = Σ_{p in chunk c} op(A)[i, p] · B[p, j0:j1]
+//              C[i, j] (+)= bias_j + Σ_c P_c[i, j]          (chunks in order)
 //   B is N×K:  C[i, j]      = Σ_p op(A)[i, p] · B[j, p]   (contiguous dots)
-// A task is a block of kSmallCols columns of C (all M rows).
+// For B stored K×N a task is one chunk of kSmallDepth rows of B (times all
+// columns, or 8192 of them): one contiguous run of memory per task, which
+// each core's prefetcher streams at full speed. (Splitting the columns
+// between threads instead had each thread read every row of B in pieces of
+// N/threads columns: the 3072×768 MLP projection read at 28 GB/s against 34
+// for the contiguous LM head.) The partial sums P_c are M×N floats per
+// chunk, added in chunk order, so the result does not depend on the thread
+// count. For B stored N×K a task is a block of kSmallCols columns of C.
 // M ≤ 8 covers batched generation (8 prompts): GPT-2 124M decoding at batch
 // 8 went from 75 to 106 tokens/s against the packed path (2 threads).
 constexpr index_t kSmallM = 8;
 constexpr index_t kSmallCols = 512;    // columns per task when B is N×K (dot products)
 constexpr index_t kWideCols = 8192;    // at most, when B is K×N (streamed rows); see few_rows
+constexpr index_t kSmallDepth = 128;   // rows of B (K×N) per task
 
+// !trans_b: part[i·n + j] = Σ_{p0 ≤ p < p1} op(A)[i, p] · B[p, j] for the
+// tile's columns (part: M×N, this chunk's partial sums).
+// trans_b:  C[i, j] (+)= bias_j + Σ_p op(A)[i, p] · B[j, p].
 template <typename T>
-NF_INLINE void compute_rows(const GemmProblem<T>& pr, const Tile& t, T* ap, T* /*unused*/) {
+NF_INLINE void compute_rows(const GemmProblem<T>& pr, const Tile& t, T* ap, T* part) {
     const index_t m = pr.m, n = pr.n, k = pr.k;
     const T* a = pr.a + t.item * m * k;
     const T* b = pr.b + t.item * k * n;
     T* c = pr.c + t.item * m * n;
 
-    // The M rows of op(A), contiguous: A itself, or gathered from A's columns.
+    // The M rows of op(A), contiguous: A itself, or gathered from A's columns
+    // (only the depth range the tile reads).
+    const index_t q0 = pr.trans_b ? 0 : t.p0, q1 = pr.trans_b ? k : t.p1;
     const T* rows = a;
     if (pr.trans_a) {
         for (index_t i = 0; i < m; ++i)
-            for (index_t p = 0; p < k; ++p) ap[i * k + p] = a[p * m + i];  // A is K×M
+            for (index_t p = q0; p < q1; ++p) ap[i * k + p] = a[p * m + i];  // A is K×M
         rows = ap;
     }
 
     if (!pr.trans_b) {
-        init_rows(c + t.j0, n, m, t.n, pr.bias ? pr.bias + t.j0 : nullptr, pr.accumulate);
+        for (index_t i = 0; i < m; ++i)
+            std::fill(part + i * n + t.j0, part + i * n + t.j0 + t.n, T(0));
         // Eight rows of B per sweep over the C row: an eighth of the C traffic
         // (measured on one core, M = 1: 19–28 GB/s of B against 15–21 with
         // four rows; sixteen rows spill the row pointers and lose).
-        index_t p = 0;
-        for (; p + 8 <= k; p += 8) {
+        index_t p = t.p0;
+        for (; p + 8 <= t.p1; p += 8) {
             const T* NF_RESTRICT b0 = b + p * n + t.j0;
             const T* NF_RESTRICT b1 = b0 + n;
             const T* NF_RESTRICT b2 = b1 + n;
@@ -408,13 +424,13 @@ NF_INLINE void compute_rows(const GemmProblem<T>& pr, const Tile& t, T* ap, T* /
                 const T* ai = rows + i * k + p;
                 const T a0 = ai[0], a1 = ai[1], a2 = ai[2], a3 = ai[3];
                 const T a4 = ai[4], a5 = ai[5], a6 = ai[6], a7 = ai[7];
-                T* NF_RESTRICT c_row = c + i * n + t.j0;
+                T* NF_RESTRICT c_row = part + i * n + t.j0;
                 for (index_t j = 0; j < t.n; ++j)
                     c_row[j] += ((a0 * b0[j] + a1 * b1[j]) + (a2 * b2[j] + a3 * b3[j])) +
                                 ((a4 * b4[j] + a5 * b5[j]) + (a6 * b6[j] + a7 * b7[j]));
             }
         }
-        for (; p + 4 <= k; p += 4) {
+        for (; p + 4 <= t.p1; p += 4) {
             const T* NF_RESTRICT b0 = b + p * n + t.j0;
             const T* NF_RESTRICT b1 = b0 + n;
             const T* NF_RESTRICT b2 = b1 + n;
@@ -422,37 +438,47 @@ NF_INLINE void compute_rows(const GemmProblem<T>& pr, const Tile& t, T* ap, T* /
             for (index_t i = 0; i < m; ++i) {
                 const T* ai = rows + i * k + p;
                 const T a0 = ai[0], a1 = ai[1], a2 = ai[2], a3 = ai[3];
-                T* NF_RESTRICT c_row = c + i * n + t.j0;
+                T* NF_RESTRICT c_row = part + i * n + t.j0;
                 for (index_t j = 0; j < t.n; ++j)
                     c_row[j] += (a0 * b0[j] + a1 * b1[j]) + (a2 * b2[j] + a3 * b3[j]);
             }
         }
-        for (; p < k; ++p) {
+        for (; p < t.p1; ++p) {
             const T* NF_RESTRICT b_row = b + p * n + t.j0;
             for (index_t i = 0; i < m; ++i) {
                 const T a_ip = rows[i * k + p];
-                T* NF_RESTRICT c_row = c + i * n + t.j0;
+                T* NF_RESTRICT c_row = part + i * n + t.j0;
                 for (index_t j = 0; j < t.n; ++j) c_row[j] += a_ip * b_row[j];
             }
         }
     } else {
-        for (index_t j = t.j0; j < t.j0 + t.n; ++j) {
+        // C[i, j] = C_old + (bias_j + dot(A row i, B row j)). Four rows of A
+        // per read of a B row (dot4_lanes); the 1–3 rows left over take four
+        // B rows per read of the A row (dot_lanes_b4: at M = 1 that is four
+        // memory streams, 35 → 39 GB/s for the LM head). Every dot is summed
+        // in dot_lanes's order, so the grouping never changes a bit.
+        auto store = [&](index_t i, index_t j, T d) {
+            T& cij = c[i * n + j];
+            cij = (pr.accumulate ? cij : T(0)) + ((pr.bias ? pr.bias[j] : T(0)) + d);
+        };
+        const index_t m4 = m / 4 * 4, j_end = t.j0 + t.n;
+        for (index_t j = t.j0; j < j_end; ++j) {
             const T* b_row = b + j * k;  // row j of B = column j of op(B)
-            const T add = pr.bias ? pr.bias[j] : T(0);
-            index_t i = 0;
-            for (; i + 4 <= m; i += 4) {  // four dots per read of the B row
+            for (index_t i = 0; i < m4; i += 4) {
                 T d[4];
                 dot4_lanes(rows + i * k, rows + (i + 1) * k, rows + (i + 2) * k, rows + (i + 3) * k, b_row, k, d);
-                for (index_t r = 0; r < 4; ++r) {
-                    T& cij = c[(i + r) * n + j];
-                    cij = (pr.accumulate ? cij : T(0)) + (add + d[r]);
-                }
-            }
-            for (; i < m; ++i) {
-                T& cij = c[i * n + j];
-                cij = (pr.accumulate ? cij : T(0)) + (add + dot_lanes(rows + i * k, b_row, k));
+                for (index_t r = 0; r < 4; ++r) store(i + r, j, d[r]);
             }
         }
+        index_t j = t.j0;
+        for (; j + 4 <= j_end; j += 4)
+            for (index_t i = m4; i < m; ++i) {
+                T d[4];
+                dot_lanes_b4(rows + i * k, b + j * k, b + (j + 1) * k, b + (j + 2) * k, b + (j + 3) * k, k, d);
+                for (index_t r = 0; r < 4; ++r) store(i, j + r, d[r]);
+            }
+        for (; j < j_end; ++j)
+            for (index_t i = m4; i < m; ++i) store(i, j, dot_lanes(rows + i * k, b + j * k, k));
     }
 }
 
@@ -817,25 +843,32 @@ void empty_product(const GemmProblem<T>& pr) {
         init_rows(pr.c + item * pr.m * pr.n, pr.n, pr.m, pr.n, pr.bias, pr.accumulate);
 }
 
-// Few rows: tasks are column blocks of all M rows, B read in place.
+// Few rows: B read in place. B stored N×K: tasks are column blocks of all M
+// rows. B stored K×N: tasks are depth chunks × column blocks, writing partial
+// sums that a second loop adds into C (see compute_rows).
 template <typename T>
 void few_rows(const GemmProblem<T>& pr, const Kernel<T>& kern, int max_threads) {
-    const double flops = 2.0 * double(pr.batch) * double(pr.m) * double(pr.n) * double(pr.k);
+    const index_t m = pr.m, n = pr.n, k = pr.k;
+    const double flops = 2.0 * double(pr.batch) * double(m) * double(n) * double(k);
     const int wanted = flops < kParallelFlops ? 1 : max_threads;
-    // B stored K×N is streamed a row at a time. A task as wide as all N
-    // columns (or N / threads of them) reads each B row in one long run that
-    // the hardware prefetcher follows; 512-column tasks would read it in 2 KB
-    // pieces N·4 bytes apart, which measured at half the bandwidth (≈ 7 vs
-    // 15+ GB/s on one core at N = 2304). The C rows of a task (≤ 8 × 8192
-    // floats) stay in L2. B stored N×K is read as contiguous rows anyway.
-    const index_t cols = pr.trans_b ? kSmallCols
-                                    : std::min(kWideCols, round_up(ceil_div(pr.n, index_t(wanted)), 16));
-    const index_t tiles_n = ceil_div(pr.n, cols);
-    const index_t tasks = pr.batch * tiles_n;
+    // Column blocks: 512 for the dot products (B N×K); for B K×N as wide as
+    // possible (a chunk's rows are then one contiguous run) while the M
+    // partial rows of a task (≤ 8 × 8192 floats) stay in L2.
+    const index_t cols = pr.trans_b ? kSmallCols : std::min(kWideCols, round_up(n, 16));
+    const index_t tiles_n = ceil_div(n, cols);
+    const index_t chunks = pr.trans_b ? 1 : ceil_div(k, kSmallDepth);
+    const index_t tasks = pr.batch * chunks * tiles_n;
     const int threads = int(std::min<index_t>(wanted, tasks));
-    // Per thread: the M rows of op(A) gathered when A is transposed.
-    const index_t slab = round_up(std::max<index_t>(1, pr.m * pr.k), 16);
-    T* scratch = arena_floats<T>(slab * threads);
+    // Per thread: the M rows of op(A) gathered when A is transposed; then the
+    // partial sums, batch × chunks × M×N (none for the dot products).
+    const index_t slab = round_up(std::max<index_t>(1, m * k), 16);
+    const index_t part_len = pr.trans_b ? 0 : pr.batch * chunks * m * n;
+    T* scratch = arena_floats<T>(slab * threads + part_len);
+    T* parts = scratch + slab * threads;
+    // The second loop: C rows (item, i), in blocks of kReduceCols columns.
+    constexpr index_t kReduceCols = 2048;
+    const index_t reduce_tiles = ceil_div(n, kReduceCols);
+    const index_t reduce_tasks = pr.trans_b ? 0 : pr.batch * m * reduce_tiles;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
 #if defined(_OPENMP)
@@ -846,12 +879,33 @@ void few_rows(const GemmProblem<T>& pr, const Kernel<T>& kern, int max_threads) 
 #pragma omp for schedule(dynamic, 1)
         for (index_t task = 0; task < tasks; ++task) {
             Tile t;
-            t.item = task / tiles_n;
+            t.item = task / (chunks * tiles_n);
+            const index_t chunk = task / tiles_n % chunks;
             t.i0 = 0;
-            t.m = pr.m;
+            t.m = m;
             t.j0 = (task % tiles_n) * cols;
-            t.n = std::min(cols, pr.n - t.j0);
-            kern.rows(pr, t, ap, nullptr);
+            t.n = std::min(cols, n - t.j0);
+            t.p0 = chunk * kSmallDepth;
+            t.p1 = std::min(k, t.p0 + kSmallDepth);
+            kern.rows(pr, t, ap, parts + (t.item * chunks + chunk) * m * n);
+        }
+        // C = C_old (when accumulating) + (bias + P_0 + P_1 + …), chunks in order.
+#pragma omp for schedule(static)
+        for (index_t task = 0; task < reduce_tasks; ++task) {
+            const index_t row = task / reduce_tiles, item = row / m, i = row % m;
+            const index_t j0 = (task % reduce_tiles) * kReduceCols, j1 = std::min(n, j0 + kReduceCols);
+            const T* part = parts + item * chunks * m * n + i * n;
+            T* c_row = pr.c + item * m * n + i * n;
+            T sum[kReduceCols];
+            for (index_t j = j0; j < j1; ++j) sum[j - j0] = pr.bias != nullptr ? pr.bias[j] : T(0);
+            for (index_t ch = 0; ch < chunks; ++ch) {
+                const T* NF_RESTRICT pc = part + ch * m * n;
+                for (index_t j = j0; j < j1; ++j) sum[j - j0] += pc[j];
+            }
+            if (pr.accumulate)
+                for (index_t j = j0; j < j1; ++j) c_row[j] += sum[j - j0];
+            else
+                std::memcpy(c_row + j0, sum, sizeof(T) * size_t(j1 - j0));
         }
     }
 }
