@@ -192,6 +192,61 @@ def test_pack_int8_layout():
     assert np.all(p[1, :, 6:] == 0)
 
 
+@settings(deadline=None, max_examples=40)
+@given(K=st.sampled_from([0, 1, 7, 64]) | st.integers(0, 90), N=st.sampled_from(SIZES + [0]) | st.integers(0, 300),
+       seed=st.integers(0, 2**32 - 1))
+def test_unpack_int8_inverts_pack_int8(K, N, seed):
+    q = np.random.default_rng(seed).integers(-127, 128, size=(K, N)).astype(np.int8)
+    p = linear.pack_int8(q)
+    assert p.shape == (-(-N // 64), K, 64)
+    u = linear.unpack_int8(p, N)
+    assert u.dtype == np.int8 and u.flags.c_contiguous and np.array_equal(u, q)
+    assert np.array_equal(linear.pack_int8(q.T.copy().T), p)            # any view packs alike
+    cols = np.random.default_rng(seed).integers(0, N, size=5) if N else np.zeros(0, np.int64)
+    assert np.array_equal(linear.int8_columns(p, cols), q[:, cols].T)    # gather without unpacking
+
+
+def test_unpack_int8_checks_the_column_count():
+    p = linear.pack_int8(np.zeros((3, 70), np.int8))
+    with pytest.raises(ValueError, match=r"does not hold 129 columns"):
+        linear.unpack_int8(p, 129)
+    with pytest.raises(ValueError, match=r"does not hold 64 columns"):
+        linear.unpack_int8(p, 64)
+
+
+@settings(deadline=None, max_examples=30)
+@given(problem=int8_problems())
+def test_numpy_reference_reads_the_packed_layout(problem):
+    x, q, s, b = problem
+    y = linear.int8_matmul_reference(x, linear.pack_int8(q), s, b)
+    assert y.dtype == np.float32 and y.shape == (x.shape[0], q.shape[1])
+    ref, bound = _reference64(x, q, s, b), _bound(x, q, s, b)
+    assert np.all(np.abs(y.astype(np.float64) - ref) <= bound)
+    with backend.use("numpy"):                                          # and through the backend
+        assert np.array_equal(backend.matmul_int8(x, linear.pack_int8(q), s, bias=b), y)
+
+
+def test_numpy_reference_refuses_a_mismatched_packed_weight():
+    x = np.zeros((2, 5), np.float32)
+    with pytest.raises(ValueError, match=r"packed q \(2, 5, 64\) does not fit"):
+        linear.int8_matmul_reference(x, np.zeros((2, 5, 64), np.int8), np.ones(129, np.float32))
+
+
+@needs_cpu
+@pytest.mark.parametrize("M", [1, 3, 9])
+def test_kernel_on_a_vocabulary_sized_head(M):
+    # the int8 LM head: N = 50257 columns (785 full 64-column blocks + one of 17), packed
+    rng = np.random.default_rng(M)
+    K, N = 24, 50257
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    q = rng.integers(-127, 128, size=(K, N)).astype(np.int8)
+    s = rng.uniform(1e-3, 1e-1, N).astype(np.float32)
+    y = _cpu.matmul_int8(x, linear.pack_int8(q), s)
+    assert y.shape == (M, N)
+    assert np.all(np.abs(y - _reference64(x, q, s, None)) <= _bound(x, q, s, None))
+    assert np.array_equal(y[:, -17:], _cpu.matmul_int8(x, q, s)[:, -17:])   # the edge block, both layouts
+
+
 @needs_cpu
 def test_packed_and_plain_layouts_agree_bitwise():
     rng = np.random.default_rng(5)
