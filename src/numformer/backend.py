@@ -236,11 +236,6 @@ def _use_cpu_matmul(a, b, out) -> bool:
             and (out is None or (out.dtype == a.dtype and out.flags.c_contiguous)))
 
 
-def int8_packing() -> bool:
-    """Whether the cpu backend is active and its int8 kernel reads the packed layout."""
-    return current() == "cpu" and hasattr(_cpu_module, "int8_pack_cols")
-
-
 def matmul_int8(x: np.ndarray, q: np.ndarray, scale: np.ndarray,
                 bias: np.ndarray | None = None, packed: np.ndarray | None = None) -> np.ndarray:
     """``(x @ float(q)) ⊙ scale + bias``: a linear layer with int8 weights.
