@@ -5,19 +5,22 @@
 
 What it measures (see docs/quantization.md for the numbers and their context):
 
+Every int8 figure is given twice: with the tied embedding / LM head int8
+(``numformer quantize``'s default) and float32 (``--float-head``).
+
 1. **Checkpoint size**: ``model.safetensors`` of the float32 checkpoint and of
-   its ``numformer quantize`` output, for the trained model (or the default
+   its ``numformer quantize`` outputs, for the trained model (or the default
    ``numformer train`` shape) and for a GPT-2 124M configuration (random
    weights: the size does not depend on the values).
 2. **Generation speed at batch 1**, GPT-2 124M shape, float32 vs int8 with the
-   KV cache (``numformer.generate.generate``, greedy), the two interleaved in
+   KV cache (``numformer.generate.generate``, greedy), the three interleaved in
    one loop, median of ``--runs``. Both wall time and process CPU time are
    reported: on a shared machine the wall clock measures the other tenants as
    much as us; CPU time (one thread) is the robust comparison. Plus the
-   matrix products alone (the 48 linear layers of one token), and what an int8
-   LM head would take, for the Amdahl argument.
+   matrix products alone (the 48 linear layers of one token) and the LM head,
+   float32 vs int8, for the Amdahl argument.
 3. **Quality**: validation loss and perplexity of the trained checkpoint and of
-   its int8 copy (written and read back through the files) on the *same*
+   its int8 copies (written and read back through the files) on the *same*
    validation batches — the ones ``numformer train`` evaluates
    (``numformer.train.evaluate``), ``--eval-batches`` of them.
 
@@ -31,6 +34,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -66,15 +70,20 @@ def sizes(ckpt: str | None, tmp: str) -> list[dict]:
     checkpoint.save(big, GPT2.init(GPT2Config(), seed=0), _tiny_tokenizer())
     models.append(("GPT-2 124M config", big))
     for label, path in models:
-        out = os.path.join(tmp, os.path.basename(path) + "-int8")
-        info = quantize_checkpoint(path, out)
         f32 = os.path.getsize(os.path.join(path, "model.safetensors"))
-        i8 = os.path.getsize(os.path.join(out, "model.safetensors"))
-        m = checkpoint.load_model(path)
-        rows.append({"model": label, "params": m.num_params, "float32_bytes": f32, "int8_bytes": i8,
-                     "ratio": i8 / f32, "quantized_params": info["quantized_params"],
-                     "float_params": info["float_params"], "max_rel_error": info["max_rel_error"]})
-        print(f"size  {label}: {_mb(f32):.2f} MB -> {_mb(i8):.2f} MB (x{i8 / f32:.3f})", file=sys.stderr)
+        row = {"model": label, "params": checkpoint.load_model(path).num_params, "float32_bytes": f32}
+        for key, int8_head in (("int8", True), ("int8_float_head", False)):
+            out = os.path.join(tmp, os.path.basename(path) + "-" + key)
+            info = quantize_checkpoint(path, out, int8_head=int8_head)
+            i8 = os.path.getsize(os.path.join(out, "model.safetensors"))
+            row[key] = {"bytes": i8, "ratio": i8 / f32, "quantized_params": info["quantized_params"],
+                        "float_params": info["float_params"], "max_rel_error": info["max_rel_error"],
+                        "head_max_rel_error": info["head_max_rel_error"]}
+            shutil.rmtree(out)
+        rows.append(row)
+        print(f"size  {label}: {_mb(f32):.2f} MB -> {_mb(row['int8']['bytes']):.2f} MB int8 "
+              f"(x{row['int8']['ratio']:.3f}), {_mb(row['int8_float_head']['bytes']):.2f} MB with a float head "
+              f"(x{row['int8_float_head']['ratio']:.3f})", file=sys.stderr)
     return rows
 
 
@@ -91,17 +100,16 @@ def _timed(fn):
 
 
 def speed(new_tokens: int, prompt: int, runs: int, threads: int | None) -> dict:
-    """Batch-1 greedy generation, GPT-2 124M shape, float32 vs int8, interleaved."""
+    """Batch-1 greedy generation, GPT-2 124M shape, float32 vs int8 (int8 / float head), interleaved."""
     cpu = backend._load_cpu()
     if threads is not None and cpu is not None:
         cpu.set_num_threads(threads)
     model = GPT2.init(GPT2Config(), seed=0)
-    qmodel = quantize_model(model)
+    models = {"float32": model, "int8": quantize_model(model),
+              "int8_float_head": quantize_model(model, int8_head=False)}
     ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, size=prompt).tolist()
-    impls = {"float32": lambda: generate(model, ids, new_tokens, temperature=0.0),
-             "int8": lambda: generate(qmodel, ids, new_tokens, temperature=0.0)}
-    first = {"float32": lambda: generate(model, ids, 1, temperature=0.0),
-             "int8": lambda: generate(qmodel, ids, 1, temperature=0.0)}
+    impls = {k: (lambda m=m: generate(m, ids, new_tokens, temperature=0.0)) for k, m in models.items()}
+    first = {k: (lambda m=m: generate(m, ids, 1, temperature=0.0)) for k, m in models.items()}
     for f in impls.values():                       # warm-up (page faults, scratch buffers)
         f()
     wall = {k: [] for k in impls}
@@ -122,22 +130,24 @@ def speed(new_tokens: int, prompt: int, runs: int, threads: int | None) -> dict:
                   "tokens_per_s_wall": new_tokens / float(np.median(wall[k])),
                   "tokens_per_s_cpu": new_tokens / float(np.median(cput[k])),
                   "decode_tokens_per_s_cpu": (new_tokens - 1) / float(dec_cpu) if dec_cpu > 0 else None}
-    out["speedup_wall"] = out["float32"]["wall_s"] / out["int8"]["wall_s"]
-    out["speedup_cpu"] = out["float32"]["cpu_s"] / out["int8"]["cpu_s"]
-    if out["float32"]["decode_tokens_per_s_cpu"] and out["int8"]["decode_tokens_per_s_cpu"]:
-        out["speedup_decode_cpu"] = out["int8"]["decode_tokens_per_s_cpu"] / out["float32"]["decode_tokens_per_s_cpu"]
+    for k in ("int8", "int8_float_head"):
+        sfx = "" if k == "int8" else "_float_head"
+        out["speedup_wall" + sfx] = out["float32"]["wall_s"] / out[k]["wall_s"]
+        out["speedup_cpu" + sfx] = out["float32"]["cpu_s"] / out[k]["cpu_s"]
+        if out["float32"]["decode_tokens_per_s_cpu"] and out[k]["decode_tokens_per_s_cpu"]:
+            out["speedup_decode_cpu" + sfx] = (out[k]["decode_tokens_per_s_cpu"]
+                                               / out["float32"]["decode_tokens_per_s_cpu"])
     print(f"speed 124M batch 1: float32 {out['float32']['tokens_per_s_wall']:.1f} tok/s wall "
           f"({out['float32']['tokens_per_s_cpu']:.1f} CPU), int8 {out['int8']['tokens_per_s_wall']:.1f} wall "
           f"({out['int8']['tokens_per_s_cpu']:.1f} CPU): x{out['speedup_wall']:.2f} wall, "
-          f"x{out['speedup_cpu']:.2f} CPU", file=sys.stderr)
-    out["products"] = _products(model, qmodel, runs)
+          f"x{out['speedup_cpu']:.2f} CPU; float head x{out['speedup_wall_float_head']:.2f} wall, "
+          f"x{out['speedup_cpu_float_head']:.2f} CPU", file=sys.stderr)
+    out["products"] = _products(model, models["int8"], runs)
     return out
 
 
 def _products(model: GPT2, qmodel, runs: int) -> dict:
     """CPU time of one token's 48 linear products (M = 1) and of the LM head, float vs int8."""
-    from numformer.quantize import quantize_weight
-
     cpu = backend._load_cpu()
     if cpu is None:
         return {}
@@ -151,31 +161,26 @@ def _products(model: GPT2, qmodel, runs: int) -> dict:
         for n in names:
             cpu.matmul(xs[n], model.params[n])
 
-    from numformer.ops.linear import pack_int8
+    plain = {n: qmodel.qweights[n].unpack() for n in names}
 
-    packed = {n: pack_int8(qmodel.qweights[n][0]) for n in names}
-
-    def int8_linears_plain():                     # q as stored, (K, N)
+    def int8_linears_plain():                     # q in the file's (K, N) layout
         for n in names:
-            q, s = qmodel.qweights[n]
-            cpu.matmul_int8(xs[n], q, s)
+            cpu.matmul_int8(xs[n], plain[n], qmodel.qweights[n].scale)
 
-    def int8_linears():                           # the packed layout the model uses
+    def int8_linears():                           # the packed layout the model holds
         for n in names:
-            cpu.matmul_int8(xs[n], packed[n], qmodel.qweights[n][1])
+            cpu.matmul_int8(xs[n], qmodel.qweights[n].packed, qmodel.qweights[n].scale)
 
     wte = model.params["wte.weight"]
-    q_head, s_head = quantize_weight(np.ascontiguousarray(wte.T))   # (C, V): what an int8 head would read
-    q_head = pack_int8(q_head)
 
     def float_head():
         cpu.matmul(x, wte, False, True)
 
-    def int8_head():
-        cpu.matmul_int8(x, q_head, s_head)
+    def int8_head():                              # q_head (C, V) packed, one scale per vocabulary row
+        cpu.matmul_int8(x, qmodel.head.packed, qmodel.head.scale)
 
     fns = {"linears_float32": float_linears, "linears_int8": int8_linears, "linears_int8_unpacked": int8_linears_plain,
-           "head_float32": float_head, "head_int8_hypothetical": int8_head}
+           "head_float32": float_head, "head_int8": int8_head}
     times = {k: [] for k in fns}
     for f in fns.values():
         f()
@@ -184,12 +189,12 @@ def _products(model: GPT2, qmodel, runs: int) -> dict:
             times[k].append(_timed(f)[1])
     res = {k: float(np.median(v)) for k, v in times.items()}
     res["linear_bytes_float32"] = int(sum(model.params[n].nbytes for n in names))
-    res["linear_bytes_int8"] = int(sum(qmodel.qweights[n][0].nbytes for n in names))
+    res["linear_bytes_int8"] = int(sum(qmodel.qweights[n].packed.nbytes for n in names))
     res["head_bytes_float32"] = int(wte.nbytes)
+    res["head_bytes_int8"] = int(qmodel.head.packed.nbytes)
     print(f"products (CPU ms): linears f32 {res['linears_float32'] * 1e3:.1f}, int8 {res['linears_int8'] * 1e3:.1f} "
           f"(not packed {res['linears_int8_unpacked'] * 1e3:.1f}); "
-          f"head f32 {res['head_float32'] * 1e3:.1f}, int8 (hypothetical) {res['head_int8_hypothetical'] * 1e3:.1f}",
-          file=sys.stderr)
+          f"head f32 {res['head_float32'] * 1e3:.1f}, int8 {res['head_int8'] * 1e3:.1f}", file=sys.stderr)
     return res
 
 
@@ -203,54 +208,67 @@ def quality(ckpt: str, eval_batches: int, tmp: str) -> dict:
     cfg.eval_batches = eval_batches
     tok = checkpoint.load_tokenizer(src)
     _, data, baseline = build_data(cfg, tok, log=lambda *a: None)
-    out = os.path.join(tmp, "trained-int8")
-    quantize_checkpoint(src, out)
     res = {"checkpoint": ckpt, "step": state.get("step"), "max_steps": cfg.max_steps,
            "eval_batches": eval_batches, "batch_size": cfg.batch_size, "block_size": cfg.block_size,
            "tokens": eval_batches * cfg.batch_size * cfg.block_size, "unigram_baseline": baseline}
-    for label, path in (("float32", src), ("int8", out)):
+    paths = {"float32": src}
+    for key, int8_head in (("int8", True), ("int8_float_head", False)):
+        paths[key] = os.path.join(tmp, "trained-" + key)
+        quantize_checkpoint(src, paths[key], int8_head=int8_head)
+    for label, path in paths.items():
         model = checkpoint.load_model(path)
         loss = evaluate(model, data, cfg)
         res[label] = {"val_loss": loss, "perplexity": math.exp(loss)}
-    res["relative_perplexity_change"] = res["int8"]["perplexity"] / res["float32"]["perplexity"] - 1
-    print(f"quality: val loss {res['float32']['val_loss']:.5f} -> {res['int8']['val_loss']:.5f}, perplexity "
+    for key in ("int8", "int8_float_head"):
+        res[key]["relative_perplexity_change"] = res[key]["perplexity"] / res["float32"]["perplexity"] - 1
+    res["relative_perplexity_change"] = res["int8"]["relative_perplexity_change"]
+    print(f"quality: val loss {res['float32']['val_loss']:.5f} -> {res['int8']['val_loss']:.5f} int8, "
+          f"{res['int8_float_head']['val_loss']:.5f} with a float head; perplexity "
           f"{res['float32']['perplexity']:.4f} -> {res['int8']['perplexity']:.4f} "
-          f"({100 * res['relative_perplexity_change']:+.3f} %)", file=sys.stderr)
+          f"({100 * res['int8']['relative_perplexity_change']:+.3f} %), {res['int8_float_head']['perplexity']:.4f} "
+          f"({100 * res['int8_float_head']['relative_perplexity_change']:+.3f} %)", file=sys.stderr)
     return res
 
 
 def markdown(doc: dict) -> str:
     lines = [f"# int8 weight-only quantization ({doc['date']}, {doc['machine']})", ""]
-    lines += ["| model | params | float32 file | int8 file | ratio |", "|---|---|---|---|---|"]
+    lines += ["| model | params | float32 file | int8 file (int8 head) | ratio | int8 file (float head) | ratio |",
+              "|---|---|---|---|---|---|---|"]
     for r in doc["sizes"]:
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f} M | {_mb(r['float32_bytes']):.2f} MB | "
-                     f"{_mb(r['int8_bytes']):.2f} MB | {r['ratio']:.3f} |")
+                     f"{_mb(r['int8']['bytes']):.2f} MB | {r['int8']['ratio']:.3f} | "
+                     f"{_mb(r['int8_float_head']['bytes']):.2f} MB | {r['int8_float_head']['ratio']:.3f} |")
     sp = doc.get("speed")
     if sp:
+        f32, i8, fh = sp["float32"], sp["int8"], sp["int8_float_head"]
         lines += ["", f"Generation, GPT-2 124M config, batch 1, greedy, {sp['prompt']}-token prompt + "
                   f"{sp['new_tokens']} new, {sp['threads']} thread(s), median of {sp['runs']}:", "",
-                  "| | float32 | int8 | int8 / float32 |", "|---|---|---|---|",
-                  f"| tokens/s (wall) | {sp['float32']['tokens_per_s_wall']:.1f} | {sp['int8']['tokens_per_s_wall']:.1f} "
-                  f"| {sp['speedup_wall']:.2f} |",
-                  f"| tokens/s (CPU time) | {sp['float32']['tokens_per_s_cpu']:.1f} | {sp['int8']['tokens_per_s_cpu']:.1f} "
-                  f"| {sp['speedup_cpu']:.2f} |"]
+                  "| | float32 | int8 | int8 / float32 | int8, float head | / float32 |", "|---|---|---|---|---|---|",
+                  f"| tokens/s (wall) | {f32['tokens_per_s_wall']:.1f} | {i8['tokens_per_s_wall']:.1f} "
+                  f"| {sp['speedup_wall']:.2f} | {fh['tokens_per_s_wall']:.1f} | {sp['speedup_wall_float_head']:.2f} |",
+                  f"| tokens/s (CPU time) | {f32['tokens_per_s_cpu']:.1f} | {i8['tokens_per_s_cpu']:.1f} "
+                  f"| {sp['speedup_cpu']:.2f} | {fh['tokens_per_s_cpu']:.1f} | {sp['speedup_cpu_float_head']:.2f} |"]
+        if sp.get("speedup_decode_cpu") and sp.get("speedup_decode_cpu_float_head"):
+            lines.append(f"| decode tokens/s (CPU time) | {f32['decode_tokens_per_s_cpu']:.1f} | "
+                         f"{i8['decode_tokens_per_s_cpu']:.1f} | {sp['speedup_decode_cpu']:.2f} | "
+                         f"{fh['decode_tokens_per_s_cpu']:.1f} | {sp['speedup_decode_cpu_float_head']:.2f} |")
         p = sp.get("products")
         if p:
             lines += [f"| 48 linear products, M = 1 (CPU ms) | {p['linears_float32'] * 1e3:.2f} | "
-                      f"{p['linears_int8'] * 1e3:.2f} | {p['linears_float32'] / p['linears_int8']:.2f} |",
+                      f"{p['linears_int8'] * 1e3:.2f} | {p['linears_float32'] / p['linears_int8']:.2f} | | |",
                       f"| the same, q not packed (K, N) (CPU ms) | | {p['linears_int8_unpacked'] * 1e3:.2f} | "
-                      f"{p['linears_float32'] / p['linears_int8_unpacked']:.2f} |",
+                      f"{p['linears_float32'] / p['linears_int8_unpacked']:.2f} | | |",
                       f"| LM head x·wteᵀ, M = 1 (CPU ms) | {p['head_float32'] * 1e3:.2f} | "
-                      f"{p['head_int8_hypothetical'] * 1e3:.2f} (if it were int8) | "
-                      f"{p['head_float32'] / p['head_int8_hypothetical']:.2f} |"]
+                      f"{p['head_int8'] * 1e3:.2f} | {p['head_float32'] / p['head_int8']:.2f} | | |"]
     q = doc.get("quality")
     if q:
         lines += ["", f"Quality: `{q['checkpoint']}` (step {q['step']} of {q['max_steps']}), "
                   f"{q['eval_batches']} validation batches × {q['batch_size']} × {q['block_size']} tokens:", "",
-                  "| | val loss | perplexity |", "|---|---|---|",
-                  f"| float32 | {q['float32']['val_loss']:.5f} | {q['float32']['perplexity']:.4f} |",
-                  f"| int8 | {q['int8']['val_loss']:.5f} | {q['int8']['perplexity']:.4f} |",
-                  f"| change | | {100 * q['relative_perplexity_change']:+.3f} % |"]
+                  "| | val loss | perplexity | change |", "|---|---|---|---|",
+                  f"| float32 | {q['float32']['val_loss']:.5f} | {q['float32']['perplexity']:.4f} | |"]
+        for key, label in (("int8_float_head", "int8, float head"), ("int8", "int8, int8 head")):
+            lines.append(f"| {label} | {q[key]['val_loss']:.5f} | {q[key]['perplexity']:.4f} | "
+                         f"{100 * q[key]['relative_perplexity_change']:+.3f} % |")
     return "\n".join(lines) + "\n"
 
 

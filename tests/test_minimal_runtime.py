@@ -3,10 +3,11 @@
 A child Python gets a ``sitecustomize`` on its PYTHONPATH that installs an
 import blocker: ``numformer._cpu`` and every top-level module outside the
 standard library, NumPy and numformer raise ImportError (as if they were
-not installed). In that child we load checkpoints (numformer's own folder
-and a Hugging Face GPT-2 folder), tokenize, generate and run the CLI, and
-compare with this process (all packages present) on the numpy backend —
-equal tokens — and on the cpu backend — logits within float32 tolerance.
+not installed). In that child we load checkpoints (numformer's own folder,
+a Hugging Face GPT-2 folder and an int8 folder from ``numformer quantize``),
+tokenize, generate and run the CLI, and compare with this process (all
+packages present) on the numpy backend — equal tokens — and on the cpu
+backend — logits within float32 tolerance.
 """
 
 import json
@@ -98,6 +99,16 @@ def own_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def int8_checkpoint(own_checkpoint, tmp_path_factory):
+    """``numformer quantize`` of it: int8 blocks and an int8 head, packed, run by the NumPy reference."""
+    from numformer.quantize import quantize_checkpoint
+
+    path = str(tmp_path_factory.mktemp("int8") / "ckpt")
+    quantize_checkpoint(own_checkpoint, path)
+    return path
+
+
 def run_child(env, spec):
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env, capture_output=True,
                           text=True, timeout=300)
@@ -114,8 +125,9 @@ def test_blocker_hides_what_it_should(blocked_env):
                           timeout=60).returncode == 0
 
 
-def test_generation_with_numpy_alone_equals_the_full_install(blocked_env, own_checkpoint):
-    spec = {"folders": {"numformer": own_checkpoint, "huggingface": FIXTURE}, "prompts": PROMPTS, "new": 8}
+def test_generation_with_numpy_alone_equals_the_full_install(blocked_env, own_checkpoint, int8_checkpoint):
+    spec = {"folders": {"numformer": own_checkpoint, "huggingface": FIXTURE, "int8": int8_checkpoint},
+            "prompts": PROMPTS, "new": 8}
     child = run_child(blocked_env, spec)
     assert child["leaked"] == []
     for name, folder in spec["folders"].items():

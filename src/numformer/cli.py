@@ -3,7 +3,7 @@
     numformer train [--config FILE] [--data FILE] [--out DIR] [--resume DIR] [--n-layer N ...]
     numformer sample --checkpoint DIR [--prompt TEXT ... | --prompts-file FILE] [--stream]
                      [--max-new-tokens N --temperature T --top-k K --top-p P --seed S --num-samples N]
-    numformer quantize --checkpoint IN --out OUT
+    numformer quantize --checkpoint IN --out OUT [--float-head]
     numformer tokenize --tokenizer PATH TEXT
     numformer gradcheck
     numformer bench [--quick] [--filter TEXT] [--threads N] [--json PATH] [--out DIR]
@@ -329,17 +329,22 @@ def _add_quantize(sub) -> None:
     p.add_argument("--checkpoint", required=True, metavar="IN",
                    help="numformer checkpoint (or training output folder) or Hugging Face GPT-2 folder")
     p.add_argument("--out", required=True, metavar="OUT", help="folder to write (replaced atomically)")
+    p.add_argument("--float-head", action="store_true",
+                   help="keep the tied embedding / output head (wte) float32; by default it is int8 too, "
+                        "one scale per vocabulary row (see docs/quantization.md for the quality cost)")
     p.set_defaults(run=run_quantize)
 
 
 def run_quantize(args) -> int:
     from numformer.quantize import quantize_checkpoint
 
-    info = quantize_checkpoint(args.checkpoint, args.out)
+    info = quantize_checkpoint(args.checkpoint, args.out, int8_head=not args.float_head)
     src = info["source_bytes"]
     ratio = f" ({info['int8_bytes'] / src:.2f}x of {src / 1e6:.1f} MB)" if src else ""
+    head = (f"int8 head (max per-row error {info['head_max_rel_error']:.2e})" if info["int8_head"]
+            else "float32 head")
     print(f"wrote {args.out}: {info['int8_bytes'] / 1e6:.1f} MB{ratio}; "
-          f"{info['quantized_params']:,} weights int8, {info['float_params']:,} float32; "
+          f"{info['quantized_params']:,} weights int8, {info['float_params']:,} float32, {head}; "
           f"max per-channel error |w - q*s| / max|w| = {info['max_rel_error']:.2e}")
     return 0
 

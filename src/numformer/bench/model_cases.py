@@ -167,7 +167,8 @@ def _greedy(model, prompts: np.ndarray, new: int) -> list:
 
 
 def generate_case(sizes: Sizes, batch: int = 1, use_torch: bool = True, int8: bool = False) -> Case:
-    """``int8=True``: ours runs the same model with int8 linear weights (numformer.quantize)."""
+    """``int8=True``: ours runs the same model with int8 linear weights and int8 tied head
+    (numformer.quantize's default)."""
     P = sizes.gen_prompt
     N = sizes.gen_new if batch == 1 else sizes.gen_new_batched
 
@@ -211,7 +212,7 @@ def generate_case(sizes: Sizes, batch: int = 1, use_torch: bool = True, int8: bo
                 "tokens/s", float(batch * N),
                 setup, None, min_runs=sizes.model_runs, max_runs=sizes.model_runs, warmup=0, kind="model",
                 notes=f"KV cache, batch {batch}, {P}-token prompt + {N} new; torch = HF generate()"
-                      + ("; ours = int8 weight-only (numformer quantize), torch float32" if int8 else ""),
+                      + ("; ours = int8 weight-only, int8 head (numformer quantize), torch float32" if int8 else ""),
                 extra={"params": num_params(sizes)})
 
 

@@ -215,14 +215,13 @@ class GPT2:
         logits with their gradient (saves a (B·T, V) buffer — 400 MB at GPT-2's
         vocabulary and B·T = 2048); pass it only when the logits are not used.
         """
-        cfg, p = self.cfg, self.params
+        cfg = self.cfg
         if last_only and targets is not None:
             raise ValueError("last_only=True computes one position's logits; the loss needs all of them")
         pos0 = kv_cache.length if kv_cache is not None else 0
         xf, body_c = self._body_forward(ids, train, rng, kv_cache, key_mask, positions, last_only)  # (B, T, C)
         B, T, C = xf.shape
-        logits = backend.matmul(xf.reshape(B * T, C), p["wte.weight"], trans_b=True)  # (BT, V) = x·wteᵀ
-        logits = logits.reshape(B, T, cfg.vocab_size)
+        logits = self._head(xf.reshape(B * T, C)).reshape(B, T, cfg.vocab_size)   # (BT, V) = x·wteᵀ
         if kv_cache is not None:
             kv_cache.length = pos0 + np.shape(ids)[1]          # every input position, even with last_only
         loss, ce_c = None, None
@@ -255,7 +254,7 @@ class GPT2:
         act = ACTIVATIONS[cfg.activation_function]
         drop = cfg.dropout if train else 0.0
 
-        x, emb_c = embedding.forward(ids, p["wte.weight"], p["wpe.weight"], pos0, positions)  # (B, T, C)
+        x, emb_c = self._embed(ids, pos0, positions)                         # (B, T, C)
         x, emb_drop_c = dropout.forward(x, drop, rng, train)
         layers = []
         for i in range(cfg.n_layer):
@@ -296,6 +295,16 @@ class GPT2:
         m_out, drop2_c = dropout.forward(m_out, drop, rng, train)
         x = x + m_out
         return x, (ln1_c, qkv_c, att_c, proj_c, drop1_c, ln2_c, fc_c, gelu_c, mproj_c, drop2_c)
+
+    def _embed(self, ids, pos0, positions):
+        """wte[ids] + wpe[positions]: (B, T) -> (B, T, C), cache.
+        (numformer.quantize.QuantizedGPT2 overrides this to look up int8 rows.)"""
+        return embedding.forward(ids, self.params["wte.weight"], self.params["wpe.weight"], pos0, positions)
+
+    def _head(self, x2):
+        """The tied LM head: x2 (N, C) -> logits (N, V) = x2 · wteᵀ.
+        (numformer.quantize.QuantizedGPT2 overrides this to run an int8 head.)"""
+        return backend.matmul(x2, self.params["wte.weight"], trans_b=True)
 
     def _linear(self, x, module: str):
         """The Conv1D layer ``module`` (e.g. ``"h.0.mlp.c_fc"``): x (..., in) -> (..., out), cache.

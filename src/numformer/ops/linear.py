@@ -67,12 +67,29 @@ def int8_matmul_reference(x: np.ndarray, q: np.ndarray, scale: np.ndarray,
                           b: np.ndarray | None = None) -> np.ndarray:
     """The specification of the int8 kernel, in NumPy.
 
-    x: (N, C_in) float32, q: (C_in, C_out) int8, scale: (C_out,) float32,
+    x: (N, C_in) float32, q: (C_in, C_out) int8 — or the same packed by
+    :func:`pack_int8`, (⌈C_out/64⌉, C_in, 64) — scale: (C_out,) float32,
     b: (C_out,) float32 or None -> (N, C_out) float32 = (x @ float(q)) ⊙ scale + b.
     ``float(q)`` is exact (|q| ≤ 127), so the only roundings are the sum's,
-    the scaling's and the bias's.
+    the scaling's and the bias's. The packed layout is multiplied block by
+    block (a few MB of float32 at a time, never a float copy of the whole
+    weight); its zero padding columns are dropped.
     """
-    out = (x @ q.astype(np.float32)) * scale                 # (N, C_out)
+    if q.ndim == 2:
+        out = (x @ q.astype(np.float32)) * scale             # (N, C_out)
+        return out if b is None else out + b
+    nb, K, cols = q.shape
+    n_out = scale.shape[0]
+    if cols != PACK_COLS or nb != -(-n_out // PACK_COLS) or x.shape[-1] != K:
+        raise ValueError(f"int8_matmul_reference: packed q {q.shape} does not fit x {x.shape} and "
+                         f"scale ({n_out},) (expected ({-(-n_out // PACK_COLS)}, {x.shape[-1]}, {PACK_COLS}))")
+    M = x.shape[0]
+    out = np.empty((M, nb * PACK_COLS), np.float32)
+    step = max(1, (1 << 20) // max(1, K * PACK_COLS))        # blocks per chunk: ≤ 4 MB of float32
+    for b0 in range(0, nb, step):
+        blk = np.matmul(x, q[b0:b0 + step].astype(np.float32))   # (g, N, 64)
+        out[:, b0 * PACK_COLS:(b0 + blk.shape[0]) * PACK_COLS] = blk.transpose(1, 0, 2).reshape(M, -1)
+    out = out[:, :n_out] * scale
     return out if b is None else out + b
 
 
@@ -85,22 +102,54 @@ def pack_int8(q: np.ndarray) -> np.ndarray:
     The kernel's few-rows path walks down one 64-column block at a time; in
     q's own layout that is one 64-byte line every N bytes (a stride the
     hardware prefetchers do not follow), packed it is one sequential stream.
-    The last block's missing columns are zero.
+    The last block's missing columns are zero. ``q`` may be any view (a
+    transpose, say); the result is a new C-contiguous array.
     """
     K, N = q.shape
     nb = -(-N // PACK_COLS)
-    padded = np.zeros((K, nb * PACK_COLS), np.int8)
-    padded[:, :N] = q
-    return np.ascontiguousarray(padded.reshape(K, nb, PACK_COLS).transpose(1, 0, 2))   # (nb, K, 64)
+    packed = np.zeros((nb, K, PACK_COLS), np.int8)
+    full = N // PACK_COLS
+    if full:                                                  # whole blocks, one strided copy
+        packed[:full] = q[:, :full * PACK_COLS].reshape(K, full, PACK_COLS).transpose(1, 0, 2)
+    if N % PACK_COLS:                                         # the last block, zero-padded
+        packed[full, :, :N % PACK_COLS] = q[:, full * PACK_COLS:]
+    return packed
+
+
+def unpack_int8(packed: np.ndarray, n: int) -> np.ndarray:
+    """The inverse of :func:`pack_int8`: (⌈n/64⌉, K, 64) -> q (K, n) int8, C-contiguous.
+
+    ``n`` (the number of columns) is not recoverable from the padded blocks,
+    so it is passed (a quantized layer knows it: the length of its scale).
+    """
+    nb, K, cols = packed.shape
+    if cols != PACK_COLS or nb != -(-n // PACK_COLS):
+        raise ValueError(f"unpack_int8: a packed ({nb}, {K}, {cols}) array does not hold {n} columns "
+                         f"(expected ({-(-n // PACK_COLS)}, K, {PACK_COLS}))")
+    return np.ascontiguousarray(packed.transpose(1, 0, 2).reshape(K, nb * PACK_COLS)[:, :n])
+
+
+def int8_columns(packed: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Columns ``cols`` of the packed q, as int8 (len(cols), K) — q[:, cols]ᵀ without unpacking.
+
+    Column j lives in block j // 64 at lane j % 64 (a K-long gather with a
+    64-byte stride): what an embedding lookup from the tied int8 head needs.
+    """
+    cols = np.asarray(cols)
+    return packed[cols // PACK_COLS, :, cols % PACK_COLS]    # advanced indices first: (len, K)
 
 
 def forward_int8(x: np.ndarray, q: np.ndarray, scale: np.ndarray, b: np.ndarray | None,
                  packed: np.ndarray | None = None) -> np.ndarray:
-    """x: (..., C_in) float32, q: (C_in, C_out) int8, scale: (C_out,), b: (C_out,) or None
-    -> out (..., C_out) = x @ (q ⊙ scale) + b. Inference only: no cache, no backward.
-    ``packed``: :func:`pack_int8` of q, used by the compiled kernel when given."""
-    if x.shape[-1] != q.shape[0]:
-        raise ValueError(f"linear: x has {x.shape[-1]} features but the int8 weight is {q.shape}")
+    """x: (..., C_in) float32, q: (C_in, C_out) int8 or :func:`pack_int8`'s layout of it,
+    scale: (C_out,), b: (C_out,) or None -> out (..., C_out) = x @ (q ⊙ scale) + b.
+    Inference only: no cache, no backward. ``packed``: the packed layout of a 2-D q,
+    used instead of it when given."""
+    w = packed if packed is not None else q
+    k_in = w.shape[0] if w.ndim == 2 else w.shape[1]
+    if x.shape[-1] != k_in:
+        raise ValueError(f"linear: x has {x.shape[-1]} features but the int8 weight is {w.shape}"
+                         + (" (packed)" if w.ndim == 3 else ""))
     x2 = x.reshape(-1, x.shape[-1])                          # (N, C_in)
-    out = backend.matmul_int8(x2, q, scale, bias=b, packed=packed)   # (N, C_out)
-    return out.reshape(x.shape[:-1] + (q.shape[1],))
+    out = backend.matmul_int8(x2, w, scale, bias=b)          # (N, C_out)
+    return out.reshape(x.shape[:-1] + (scale.shape[0],))
