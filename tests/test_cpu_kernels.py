@@ -346,12 +346,13 @@ def test_results_do_not_depend_on_thread_count(dtype):
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("m,n,k", [(3100, 700, 800), (3100, 16, 1100)])
 def test_shared_driver_orders_depth_slices_under_any_thread_count(m, n, k, trans_a, trans_b):
-    """The shared-block driver's task dependencies (double-buffered A and B
-    blocks, each C tile's depth slices in order) across several A blocks (M >
-    MC), depth slices (K > KC) and B blocks (N > NC), with bias and
-    accumulate; more threads than cores forces preemption inside tasks. With
-    N = 16 a task is a few microseconds, so a preempted thread is often still
-    holding a tile's previous slice when the next slice's task comes up.
+    """The shared-block driver's task dependencies (packed blocks ready, the
+    double-buffered B block free, each C tile's depth slices added in order)
+    across several A blocks (M > MC), depth slices (K > KC) and B blocks
+    (N > NC), with bias and accumulate; more threads than cores forces
+    preemption inside tasks. With N = 16 a task is a few microseconds, so a
+    preempted thread is often still holding a tile's previous slice when the
+    next slice's task comes up (a version without that wait failed here).
     Bitwise equal to one thread, and correct."""
     rng = np.random.default_rng(11)
     a, b = random_operands(rng, np.float32, None, m, n, k, trans_a, trans_b)

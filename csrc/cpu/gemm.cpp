@@ -31,8 +31,8 @@
 //  * KC large (384) means C is read and written only K/KC times; the write-
 //    back of the first slice also applies bias / keeps the old C (accumulate),
 //    so no separate pass over C is ever made.
-//  * The B block and the A block are double-buffered: threads pack block g+1
-//    into the other buffer while others still compute on block g. Work is handed out as
+//  * The B block is double-buffered: threads pack block g+1 into the other
+//    buffer while others still compute on block g. Work is handed out as
 //    small tasks (pack one panel / compute one A panel × the B block) from a
 //    ticket counter, with no barriers (see blocked_shared): on these shared,
 //    noisy 2-core machines a barrier per block lost 30-40% whenever the OS
@@ -691,26 +691,17 @@ void blocked_serial(const GemmProblem<T>& pr, const Kernel<T>& kern, const Block
 //       [pack one B panel] × B panels
 //       [compute one A panel × the B block] × A panels
 //
-// A task only waits for the tasks it reads from or overwrites, and every
-// dependency has a smaller ticket, so it is already held by some running
-// thread (no deadlock):
-//   * compute (step s, block g, panel r) needs step s's A block and block g's
-//     B block packed, and — when s continues the same C rows (pc > 0) — the
-//     same C tile's update in step s−1 finished (tile_done), so the slices of
-//     K are added to every C tile in order;
-//   * packing B into one of the two B buffers needs the block that used it
-//     two blocks ago computed;
-//   * packing A into one of the two A buffers needs the step that used it
-//     two steps ago computed.
-// Double-buffering A (not only B) matters for the GPT-2 shapes with K or N =
-// 768: a step is then only 2 B blocks long, and with one A buffer every step
-// began with both threads waiting for the last tasks of the step before and
-// then packing the whole A block before any computing.
+// A task only waits for the tasks it reads from or overwrites — computing
+// needs its A and B blocks packed; packing B into one of the two buffers
+// needs the block that used it two blocks ago computed; packing A needs the
+// previous step computed — and every dependency has a smaller ticket, so it
+// is already held by some running thread (no deadlock). A thread that the OS
+// deschedules (these machines are shared) therefore stalls the others only
+// when they need the one task it holds, not at every block as a barrier would.
 //
-// A thread that the OS deschedules (these machines are shared) therefore
-// stalls the others only when they need the one task it holds, not at every
-// block as a barrier would. Each C tile is written by one task per step, in
-// step order, so the result is the same as blocked_serial's, bit for bit.
+// Each C tile is written by one task per step, and step s+1's tasks start
+// only after every task of step s has finished, so the slices of K are
+// added in order: the result is the same as blocked_serial's, bit for bit.
 struct Step {
     index_t item, ic, pc, mcur, kcur, a_panels;
 };
@@ -737,30 +728,9 @@ inline void wait_for(const Counter& counter, index_t target) {
     }
 }
 
-// Completion counters of the task list, all starting at 0.
-struct Progress {
-    explicit Progress(index_t steps, index_t blocks, index_t panels_per_step)
-        : stride(panels_per_step),
-          a_packed(new Counter[steps]),
-          step_done(new Counter[steps]),
-          b_packed(new Counter[blocks]),
-          block_done(new Counter[blocks]),
-          tile_done(new Counter[blocks * panels_per_step]) {
-        for (index_t i = 0; i < steps; ++i) a_packed[i].store(0), step_done[i].store(0);
-        for (index_t i = 0; i < blocks; ++i) b_packed[i].store(0), block_done[i].store(0);
-        for (index_t i = 0; i < blocks * panels_per_step; ++i) tile_done[i].store(0);
-    }
-    index_t stride;                       // A panels per step, at most
-    std::unique_ptr<Counter[]> a_packed;   // A panels packed, per step
-    std::unique_ptr<Counter[]> step_done;  // A panel × B block products done, per step
-    std::unique_ptr<Counter[]> b_packed;   // B panels packed, per block
-    std::unique_ptr<Counter[]> block_done; // A panels computed against the block, per block
-    std::unique_ptr<Counter[]> tile_done;  // 1 when (block, A panel) is computed
-};
-
 template <typename T>
 void blocked_shared(const GemmProblem<T>& pr, const Kernel<T>& kern, const Blocking& bk,
-                    int threads, T* ap0, T* ap1, T* bp0, T* bp1) {
+                    int threads, T* ap, T* bp0, T* bp1) {
     const index_t m = pr.m, n = pr.n, k = pr.k, mr = kern.mr, nr = kern.nr;
     const index_t lda = pr.trans_a ? m : k, ldb = pr.trans_b ? k : n, ldc = n;
 
@@ -784,7 +754,12 @@ void blocked_shared(const GemmProblem<T>& pr, const Kernel<T>& kern, const Block
             }
     const index_t blocks_per_step = ceil_div(n, bk.nc);
     const index_t n_steps = index_t(steps.size()), n_blocks = index_t(blocks.size());
-    Progress done(n_steps, n_blocks, ceil_div(bk.mc, mr));
+    // Completion counts: A panels packed per step, B panels packed per block,
+    // A panels computed per block and per step.
+    std::unique_ptr<Counter[]> a_packed(new Counter[n_steps]), step_done(new Counter[n_steps]);
+    std::unique_ptr<Counter[]> b_packed(new Counter[n_blocks]), block_done(new Counter[n_blocks]);
+    for (index_t i = 0; i < n_steps; ++i) a_packed[i].store(0), step_done[i].store(0);
+    for (index_t i = 0; i < n_blocks; ++i) b_packed[i].store(0), block_done[i].store(0);
     Counter next_ticket{0};
 
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -795,43 +770,39 @@ void blocked_shared(const GemmProblem<T>& pr, const Kernel<T>& kern, const Block
             if (t >= tickets) break;
             while (g + 1 < n_blocks && blocks[g + 1].first_ticket <= t) ++g;
             const Block& blk = blocks[g];
-            const index_t s = blk.step;
-            const Step& st = steps[s];
+            const Step& st = steps[blk.step];
             const Item<T> it = item_of(pr, st.item);
-            T* ap = (s & 1) ? ap1 : ap0;
             T* bp = (g & 1) ? bp1 : bp0;
             index_t task = t - blk.first_ticket;
 
             if (task < blk.a_tasks) {  // pack A panel `task` of this step
-                if (s >= 2) wait_for(done.step_done[s - 2], blocks_per_step * steps[s - 2].a_panels);
+                if (blk.step > 0)
+                    wait_for(step_done[blk.step - 1], blocks_per_step * steps[blk.step - 1].a_panels);
                 const index_t ir = task * mr;
                 kern.pack_a(it.a, pr.trans_a, lda, st.ic + ir, std::min(mr, st.mcur - ir), st.pc,
                             st.kcur, ap + ir * st.kcur);
-                done.a_packed[s].fetch_add(1, std::memory_order_release);
+                a_packed[blk.step].fetch_add(1, std::memory_order_release);
                 continue;
             }
             task -= blk.a_tasks;
             if (task < blk.b_panels) {  // pack B panel `task` of this block
-                if (g >= 2) wait_for(done.block_done[g - 2], steps[blocks[g - 2].step].a_panels);
+                if (g >= 2) wait_for(block_done[g - 2], steps[blocks[g - 2].step].a_panels);
                 const index_t jr = task * nr;
                 kern.pack_b(it.b, pr.trans_b, ldb, blk.jc + jr, std::min(nr, blk.ncur - jr), st.pc,
                             st.kcur, bp + jr * st.kcur);
-                done.b_packed[g].fetch_add(1, std::memory_order_release);
+                b_packed[g].fetch_add(1, std::memory_order_release);
                 continue;
             }
             task -= blk.b_panels;  // compute A panel `task` × this B block
-            wait_for(done.a_packed[s], st.a_panels);
-            wait_for(done.b_packed[g], blk.b_panels);
-            const bool first = st.pc == 0;
-            if (!first)  // this C tile's previous slice (same rows, same jc, step s − 1)
-                wait_for(done.tile_done[(g - blocks_per_step) * done.stride + task], 1);
+            wait_for(a_packed[blk.step], st.a_panels);
+            wait_for(b_packed[g], blk.b_panels);
             const index_t ir = task * mr;
+            const bool first = st.pc == 0;
             kern.sweep(st.kcur, ap + ir * st.kcur, bp, blk.ncur, it.c + (st.ic + ir) * ldc + blk.jc,
                        ldc, std::min(mr, st.mcur - ir), !first || pr.accumulate,
                        first && pr.bias ? pr.bias + blk.jc : nullptr);
-            done.tile_done[g * done.stride + task].store(1, std::memory_order_release);
-            done.block_done[g].fetch_add(1, std::memory_order_release);
-            done.step_done[s].fetch_add(1, std::memory_order_release);
+            block_done[g].fetch_add(1, std::memory_order_release);
+            step_done[blk.step].fetch_add(1, std::memory_order_release);
         }
     }
 }
@@ -948,15 +919,13 @@ void gemm(const GemmProblem<T>& pr) {
 
     // Threads beyond the number of A panels would only wait for tasks.
     threads = int(std::min<index_t>(threads, ceil_div(bk.mc, kern.mr)));
+    T* scratch = arena_floats<T>(a_len + 2 * b_len);
     if (threads == 1) {
-        T* scratch = arena_floats<T>(a_len + b_len);
         for (index_t item = 0; item < pr.batch; ++item)
             blocked_serial(pr, kern, bk, item_of(pr, item), scratch, scratch + a_len);
         return;
     }
-    T* scratch = arena_floats<T>(2 * a_len + 2 * b_len);  // two A blocks, two B blocks
-    blocked_shared(pr, kern, bk, threads, scratch, scratch + a_len, scratch + 2 * a_len,
-                   scratch + 2 * a_len + b_len);
+    blocked_shared(pr, kern, bk, threads, scratch, scratch + a_len, scratch + a_len + b_len);
 }
 
 template void gemm<float>(const GemmProblem<float>&);
