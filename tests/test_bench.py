@@ -113,6 +113,16 @@ def test_measure_settles_before_every_sample_instead_of_a_fixed_gap():
     assert clock.sleeps == []                     # settle replaces the gap
 
 
+def test_measure_rewarms_cheap_calls_after_settling():
+    clock = FakeClock()
+    impls = {"cheap": clock.impl("cheap", [0.1]), "slow": clock.impl("slow", [1.0])}
+    stats = measure(impls, min_runs=2, max_runs=2, warmup=1, min_sample=0.0, budget=0.0,
+                    settle=lambda: None, rewarm_below=0.5, clock=clock, sleep=clock.sleep)
+    timed = clock.calls[3:]                       # after the warm-up: cheap twice, slow once
+    assert timed == ["cheap", "cheap", "slow", "slow", "cheap", "cheap"]   # cheap: untimed + timed
+    assert stats["cheap"].median == pytest.approx(0.1) and stats["slow"].median == pytest.approx(1.0)
+
+
 class CpuBurner:
     """Wall and CPU clocks for wait_until_idle: other threads spin for ``spin_s`` more seconds."""
 

@@ -148,7 +148,8 @@ def _method_notes(peaks: dict) -> list[str]:
         "the stated runs); 'vs NumPy' = t_NumPy / t_ours, above 1 means ours is faster.",
         "Before every timed sample the run waits until the process is idle, so that the previous "
         "implementation's spinning pool threads (OpenBLAS spins ~0.1 s after a call) do not take a "
-        "core from the next one.",
+        "core from the next one; calls under 0.25 s then get one untimed call first (their own "
+        "pool awake, as in a loop).",
         "Rates: GEMM 2·M·K·N FLOP; softmax bytes read + written (fwd 8 B/element, bwd 12 B/element); "
         "causal attention (matmuls)·B·H·T(T+1)·D FLOP with 2 matmuls for fwd and 7 for fwd+bwd.",
         f"'of peak' compares ours with this run's FMA peak ({peaks.get('fma_method')}), copy bandwidth, "
@@ -235,7 +236,7 @@ def _measure_guarded(impls: dict, case: Case, sizes: Sizes, gap: float | None, r
     """Time all implementations together; if one fails, drop it (with a note) and time the rest."""
     kwargs = dict(min_runs=runs or case.min_runs, max_runs=runs or case.max_runs,
                   warmup=0 if runs else case.warmup, budget=case.budget or sizes.budget,
-                  gap=gap or 0.0, settle=wait_until_idle if gap is None else None)
+                  gap=gap or 0.0, settle=wait_until_idle if gap is None else None, rewarm_below=0.25)
     try:
         return measure(impls, **kwargs), []
     except Exception:

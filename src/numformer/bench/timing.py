@@ -22,7 +22,11 @@ The rules, in order of importance:
    call and our OpenMP workers a few milliseconds; with a fixed 10 ms gap the
    spinning OpenBLAS threads took one of the two cores from whatever ran
    next, which cost our GEMM 15-45% on the short GPT-2 shapes in the tables
-   before this rule (measured: 4096×768×768 at 141 vs 183 GFLOP/s).
+   before this rule (measured: 4096×768×768 at 141 vs 183 GFLOP/s). After
+   settling, a call shorter than ``rewarm_below`` seconds is preceded by one
+   untimed call of the same implementation, so that it is timed with its own
+   pool awake, as in a loop of such calls (the first call after an idle
+   pause measured 2-5 % slower, for every library).
 
 Clock and sleep are parameters so that the tests can drive this with a fake
 clock.
@@ -80,7 +84,7 @@ def wait_until_idle(*, slice_s: float = 0.005, busy: float = 0.1, max_wait: floa
 
 def measure(impls: Mapping[str, Callable[[], object]], *, min_runs: int = 5, max_runs: int = 25,
             warmup: int = 1, min_sample: float = 0.01, budget: float = 2.0, gap: float = 0.0,
-            settle: Callable[[], object] | None = None,
+            settle: Callable[[], object] | None = None, rewarm_below: float = 0.0,
             clock: Callable[[], float] = time.perf_counter,
             sleep: Callable[[float], None] = time.sleep) -> dict[str, Stats]:
     """Time every callable in ``impls``; returns ``{name: Stats}`` (seconds per call).
@@ -91,11 +95,15 @@ def measure(impls: Mapping[str, Callable[[], object]], *, min_runs: int = 5, max
     is one call and exactly ``min_runs`` rounds run (for slow end-to-end cases
     that warm up on their own). Before an implementation's first warm-up call
     and before every sample, ``settle()`` runs when given (e.g.
-    :func:`wait_until_idle`), else ``sleep(gap)`` when ``gap`` > 0.
+    :func:`wait_until_idle`) — then, before a sample of an implementation
+    whose call was estimated under ``rewarm_below`` seconds, one untimed
+    call — else ``sleep(gap)`` when ``gap`` > 0.
     """
-    def pause() -> None:
+    def pause(name: str | None = None) -> None:
         if settle is not None:
             settle()
+            if name is not None and estimate.get(name, float("inf")) < rewarm_below:
+                impls[name]()                  # untimed: wake this implementation's pool
         elif gap:
             sleep(gap)
 
@@ -141,7 +149,7 @@ def measure(impls: Mapping[str, Callable[[], object]], *, min_runs: int = 5, max
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             fn, k = impls[name], inner[name]
-            pause()
+            pause(name)
             t0 = clock()
             for _ in range(k):
                 fn()
