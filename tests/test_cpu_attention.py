@@ -151,6 +151,37 @@ def test_forward_and_backward_match_reference(B, H, Tq, Tk, D, mode, dtype, big,
     assert np.all(got["dk"][unseen] == 0) and np.all(got["dv"][unseen] == 0)
 
 
+@given(B=st.integers(1, 3), H=st.integers(1, 3), Tq=st.integers(1, 5), Tk=st.integers(1, 300), D=dims,
+       mode=st.sampled_from(["causal-cross", "full", "padding", "causal+padding"]),
+       dtype=st.sampled_from([np.float32, np.float64]), big=st.sampled_from([1.0, 30.0, 1e3]),
+       spare=st.integers(0, 17), isa=st.sampled_from(ISAS), seed=st.integers(0, 2**31))
+def test_few_queries_against_a_kv_cache_match_reference(B, H, Tq, Tk, D, mode, dtype, big, spare, isa, seed):
+    """Decoding: up to 4 queries take the direct path (dot products per key,
+    four keys at a time), 5 the tiled one; K and V are prefixes of a larger,
+    preallocated cache (strided along T). Forward against the float64
+    reference, and the backward from the forward's log-sum-exp."""
+    rng = np.random.default_rng(seed)
+    Tk = max(Tk, Tq) if mode.startswith("causal") else Tk
+    causal = mode.startswith("causal")
+    q = (rng.standard_normal((B, H, Tq, D)) * big).astype(dtype)
+    cache_k, cache_v = (rng.standard_normal((B, H, Tk + spare, D)).astype(dtype) for _ in range(2))
+    k, v = cache_k[:, :, :Tk], cache_v[:, :, :Tk]
+    dout = rng.standard_normal((B, H, Tq, D)).astype(dtype)
+    key_mask = None
+    if "padding" in mode:
+        key_mask = rng.random((B, Tk)) < rng.choice([0.0, 0.3, 1.0])
+    scale = 1.0 / math.sqrt(D)
+    r = reference(q, k, v, dout, causal, key_mask, scale)
+    with using_isa(isa):
+        got = run_kernel(q, k, v, dout, causal, key_mask)
+    e = bounds(r, dtype, scale)
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        check(name, got[name], r[name], e[name])
+    dead = ~(r["p"] > 0).any(-1)
+    assert np.all(got["out"][dead] == 0) and np.all(np.isneginf(got["lse"][dead]))
+    assert not np.isnan(got["out"]).any() and not np.isnan(got["lse"]).any()
+
+
 def test_fully_masked_rows_give_zeros_not_nan():
     rng = np.random.default_rng(0)
     q, k, v, dout = (rng.standard_normal((2, 2, 5, 8)).astype(np.float32) for _ in range(4))

@@ -55,6 +55,7 @@
 #include <new>
 #include <vector>
 
+#include "cpu/reduce.h"
 #include "cpu/vexp.h"
 
 #if defined(_OPENMP)
@@ -468,6 +469,69 @@ NF_INLINE void backward_task(const AttentionProblem<typename C::T>& P,
 // Instruction-set variants
 // ---------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------
+// Forward for a few queries (decoding with a KV cache: Tq = 1 per sequence)
+// ---------------------------------------------------------------------------
+//
+// The tiled kernel puts queries on the vector lanes; with one query a vector
+// holds one useful lane and the rest is padding (a token of GPT-2 spent
+// 65 µs per layer here at 100 cached keys, against 8 now). With few queries
+// the direct form is cheaper: for each query i of (b, h),
+//   s_j = scale · q_i·k_j   for the visible keys j      (dot products along d)
+//   m = max_j s_j,  p_j = exp(s_j − m),  l = Σ_j p_j
+//   o_i = Σ_j p_j v_j / l,  L_i = m + log l               (axpy along d)
+// — the same quantities the online softmax reaches after its last tile.
+// ws: Tk scores.
+constexpr index_t kDecodeQueries = 4;   // at most this many queries use this path
+
+template <typename T>
+NF_INLINE void decode_task(const AttentionProblem<T>& P, index_t bh, T* out, T* lse, T* ws) {
+    const T neg_inf = -std::numeric_limits<T>::infinity();
+    const index_t b = bh / P.heads, h = bh % P.heads;
+    const index_t D = P.dim, Tq = P.tq, Tk = P.tk, off = Tk - Tq;
+    const T* qh = P.q.head(b, h);
+    const T* kh = P.k.head(b, h);
+    const T* vh = P.v.head(b, h);
+    const std::uint8_t* km = P.key_mask != nullptr ? P.key_mask + b * Tk : nullptr;
+    for (index_t i = 0; i < Tq; ++i) {
+        const T* NF_RESTRICT q = qh + i * P.q.st;
+        T* NF_RESTRICT o = out + (bh * Tq + i) * D;
+        const index_t lim = P.causal ? std::min<index_t>(Tk, i + off + 1) : Tk;  // keys [0, lim)
+        // Scores, four keys per pass (four independent sums in flight; a dot of
+        // 64 is short, and one at a time is bound by its final reduction).
+        index_t j = 0;
+        for (; j + 4 <= lim; j += 4) {
+            const T* k0 = kh + j * P.k.st;
+            dot_lanes_b4(q, k0, k0 + P.k.st, k0 + 2 * P.k.st, k0 + 3 * P.k.st, D, ws + j);
+        }
+        for (; j < lim; ++j) ws[j] = dot_lanes(q, kh + j * P.k.st, D);
+        T m = neg_inf;
+        for (j = 0; j < lim; ++j) {
+            const bool visible = km == nullptr || km[j] != 0;
+            const T sj = visible ? P.scale * ws[j] : neg_inf;
+            ws[j] = sj;
+            m = sj > m ? sj : m;
+        }
+        if (!(m > neg_inf)) {  // no visible key: O = 0, L = −inf
+            for (index_t d = 0; d < D; ++d) o[d] = T(0);
+            lse[bh * Tq + i] = neg_inf;
+            continue;
+        }
+        for (index_t j = 0; j < lim; ++j) ws[j] = vexp(ws[j] - m);  // hidden keys: exp(−inf) = 0
+        const T l = sum_lanes(ws, lim);
+        for (index_t d = 0; d < D; ++d) o[d] = T(0);
+        for (index_t j = 0; j < lim; ++j) {
+            const T pj = ws[j];
+            if (pj == T(0)) continue;
+            const T* NF_RESTRICT vj = vh + j * P.v.st;
+            for (index_t d = 0; d < D; ++d) o[d] += pj * vj[d];
+        }
+        const T inv = T(1) / l;
+        for (index_t d = 0; d < D; ++d) o[d] *= inv;
+        lse[bh * Tq + i] = m + std::log(l);
+    }
+}
+
 template <typename T>
 using ForwardFn = void (*)(const AttentionProblem<T>&, index_t, index_t, T*, T*, T*);
 template <typename T>
@@ -479,6 +543,11 @@ using BackwardFn = void (*)(const AttentionProblem<T>&, const Tensor4<T>&, const
     TARGET void forward_##NAME(const AttentionProblem<T>& p, index_t bh, index_t qt, T* out,      \
                                T* lse, T* ws) {                                                   \
         forward_task<CFG<T>>(p, bh, qt, out, lse, ws);                                            \
+    }                                                                                             \
+    template <typename T>                                                                         \
+    TARGET void decode_##NAME(const AttentionProblem<T>& p, index_t bh, index_t /*qt*/, T* out,   \
+                              T* lse, T* ws) {                                                    \
+        decode_task<T>(p, bh, out, lse, ws);                                                      \
     }                                                                                             \
     template <typename T>                                                                         \
     TARGET void backward_##NAME(const AttentionProblem<T>& p, const Tensor4<T>& o,               \
@@ -497,6 +566,11 @@ NF_ATTN_VARIANT(avx512, NF_TARGET("avx512f,avx2,fma"), Avx512Cfg)
 template <typename T>
 ForwardFn<T> forward_for(Isa isa) {
     return NF_PICK_ISA(isa, forward_generic<T>, forward_avx2<T>, forward_avx512<T>);
+}
+
+template <typename T>
+ForwardFn<T> decode_for(Isa isa) {
+    return NF_PICK_ISA(isa, decode_generic<T>, decode_avx2<T>, decode_avx512<T>);
 }
 
 template <typename T>
@@ -560,11 +634,12 @@ template <typename T>
 void attention_forward(const AttentionProblem<T>& p, T* out, T* lse) {
     const index_t bh_count = p.batch * p.heads;
     if (bh_count == 0 || p.tq == 0) return;
-    const ForwardFn<T> fn = forward_for<T>(active_isa());
-    const index_t n_qtiles = ceil_div(p.tq, kBr);
+    const bool few = p.tq <= kDecodeQueries;  // one task per (b, h), see decode_task
+    const ForwardFn<T> fn = few ? decode_for<T>(active_isa()) : forward_for<T>(active_isa());
+    const index_t n_qtiles = few ? 1 : ceil_div(p.tq, kBr);
     const index_t tasks = bh_count * n_qtiles;
     const int threads = threads_for(tasks, 4.0 * double(bh_count) * double(p.tq) * double(p.tk) * double(p.dim));
-    const index_t ws_size = forward_workspace<T>(p.dim);
+    const index_t ws_size = few ? std::max<index_t>(p.tk, 1) : forward_workspace<T>(p.dim);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         Scratch<T> ws(ws_size);
