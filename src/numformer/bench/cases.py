@@ -84,7 +84,7 @@ class Sizes:
     gen_batches: tuple = (1, 8)
     gen_new_batched: int = 16                 # new tokens per row at batch > 1: 8 × 16 = the 128 of batch 1
     gen_numpy: bool = False                   # also time generation on the NumPy backend (--full)
-    model_runs: int = 2                       # timed steps / generations after the warm-up
+    model_runs: int = 3                       # timed steps / generations after the warm-up (3: one disturbed sample cannot move the median)
     budget: float = 1.5                       # seconds of timed rounds per kernel case
     fma_seconds: float = 0.3
     copy_bytes: int = 256 << 20
