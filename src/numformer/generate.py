@@ -107,7 +107,10 @@ def stream(model: GPT2, prompt: Sequence[int], max_new_tokens: int, *, temperatu
         raise ValueError("the prompt is empty; give at least one token (e.g. the end-of-text token)")
     n_ctx = model.cfg.n_positions
     rng = np.random.default_rng(seed)
-    cache, logits = _prefill(model, ids[-n_ctx:])
+    window = ids[-n_ctx:]
+    # The cache holds the prompt and one position per new token (each new
+    # token is fed back once), up to the context window.
+    cache, logits = _prefill(model, window, min(n_ctx, len(window) + max_new_tokens))
     for _ in range(max_new_tokens):
         nxt = int(sample_next(logits, rng, temperature, top_k, top_p)[0])
         yield nxt
@@ -115,14 +118,17 @@ def stream(model: GPT2, prompt: Sequence[int], max_new_tokens: int, *, temperatu
             return
         ids.append(nxt)
         if cache.length >= n_ctx:                       # window full: restart from the recent half
-            cache, logits = _prefill(model, ids[-(n_ctx // 2 + 1):])
+            cache, logits = _prefill(model, ids[-(n_ctx // 2 + 1):], n_ctx)
         else:
             logits = model.forward(np.array([[nxt]]), kv_cache=cache)[0][:, -1]
 
 
-def _prefill(model: GPT2, ids: list[int]):
-    """Run the prompt through the model once, filling a fresh cache. -> (cache, last logits (1, V))."""
-    cache = KVCache(model.cfg, 1, model.cfg.n_positions, model.dtype)
+def _prefill(model: GPT2, ids: list[int], capacity: int):
+    """Run the prompt through a fresh cache of ``capacity`` positions. -> (cache, last logits (1, V)).
+
+    Sized to what the generation will use, not to the whole context window:
+    a full GPT-2 window is 75 MB of zeros, 30 ms of the first token."""
+    cache = KVCache(model.cfg, 1, capacity, model.dtype)
     logits = model.forward(np.array([ids]), kv_cache=cache, last_only=True)[0]
     return cache, logits[:, -1]
 
