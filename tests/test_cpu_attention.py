@@ -118,6 +118,19 @@ def run_kernel(q, k, v, dout, causal, key_mask):
     return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
 
 
+def checked_against_reference(q, k, v, dout, causal, key_mask, isa):
+    """Forward and backward on instruction set ``isa``, each output checked
+    against the float64 reference within its bound -> (kernel outputs, reference)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    r = reference(q, k, v, dout, causal, key_mask, scale)
+    with using_isa(isa):
+        got = run_kernel(q, k, v, dout, causal, key_mask)
+    e = bounds(r, q.dtype, scale)
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        check(name, got[name], r[name], e[name])
+    return got, r
+
+
 @given(B=st.integers(1, 2), H=st.integers(1, 2), Tq=seq, Tk=seq, D=dims,
        mode=st.sampled_from(["causal", "full", "causal-cross", "padding", "causal+padding"]),
        dtype=st.sampled_from([np.float32, np.float64]), big=st.sampled_from([1.0, 1.0, 30.0, 1e3]),
@@ -135,14 +148,9 @@ def test_forward_and_backward_match_reference(B, H, Tq, Tk, D, mode, dtype, big,
     key_mask = None
     if "padding" in mode:
         key_mask = rng.random((B, Tk)) < rng.choice([0.0, 0.1, 0.7, 1.0])  # incl. empty / full masks
-    scale = 1.0 / math.sqrt(D)
-    r = reference(q, k, v, dout, causal, key_mask, scale)
-    with using_isa(isa):
-        got = run_kernel(q, k, v, dout, causal, key_mask)
-    e = bounds(r, dtype, scale)
+    got, r = checked_against_reference(q, k, v, dout, causal, key_mask, isa)
     for name in ("out", "lse", "dq", "dk", "dv"):
         assert got[name].dtype == dtype
-        check(name, got[name], r[name], e[name])
     # Queries that see no key: exactly zero output and gradient, lse = −inf.
     dead = ~(r["p"] > 0).any(-1)                                     # (B, H, Tq)
     assert np.all(got["out"][dead] == 0) and np.all(got["dq"][dead] == 0)
@@ -170,13 +178,7 @@ def test_few_queries_against_a_kv_cache_match_reference(B, H, Tq, Tk, D, mode, d
     key_mask = None
     if "padding" in mode:
         key_mask = rng.random((B, Tk)) < rng.choice([0.0, 0.3, 1.0])
-    scale = 1.0 / math.sqrt(D)
-    r = reference(q, k, v, dout, causal, key_mask, scale)
-    with using_isa(isa):
-        got = run_kernel(q, k, v, dout, causal, key_mask)
-    e = bounds(r, dtype, scale)
-    for name in ("out", "lse", "dq", "dk", "dv"):
-        check(name, got[name], r[name], e[name])
+    got, r = checked_against_reference(q, k, v, dout, causal, key_mask, isa)
     dead = ~(r["p"] > 0).any(-1)
     assert np.all(got["out"][dead] == 0) and np.all(np.isneginf(got["lse"][dead]))
     assert not np.isnan(got["out"]).any() and not np.isnan(got["lse"]).any()

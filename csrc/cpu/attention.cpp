@@ -517,10 +517,10 @@ NF_INLINE void decode_task(const AttentionProblem<T>& P, index_t bh, T* out, T* 
             lse[bh * Tq + i] = neg_inf;
             continue;
         }
-        for (index_t j = 0; j < lim; ++j) ws[j] = vexp(ws[j] - m);  // hidden keys: exp(−inf) = 0
+        for (j = 0; j < lim; ++j) ws[j] = vexp(ws[j] - m);  // hidden keys: exp(−inf) = 0
         const T l = sum_lanes(ws, lim);
         for (index_t d = 0; d < D; ++d) o[d] = T(0);
-        for (index_t j = 0; j < lim; ++j) {
+        for (j = 0; j < lim; ++j) {
             const T pj = ws[j];
             if (pj == T(0)) continue;
             const T* NF_RESTRICT vj = vh + j * P.v.st;

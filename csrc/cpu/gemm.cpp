@@ -455,8 +455,8 @@ NF_INLINE void compute_rows(const GemmProblem<T>& pr, const Tile& t, T* ap, T* p
         // C[i, j] = C_old + (bias_j + dot(A row i, B row j)). Four rows of A
         // per read of a B row (dot4_lanes); the 1–3 rows left over take four
         // B rows per read of the A row (dot_lanes_b4: at M = 1 that is four
-        // memory streams, 35 → 39 GB/s for the LM head). Every dot is summed
-        // in dot_lanes's order, so the grouping never changes a bit.
+        // memory streams). Every dot is summed in dot_lanes's order, so the
+        // grouping never changes a bit.
         auto store = [&](index_t i, index_t j, T d) {
             T& cij = c[i * n + j];
             cij = (pr.accumulate ? cij : T(0)) + ((pr.bias ? pr.bias[j] : T(0)) + d);

@@ -63,6 +63,10 @@ NF_INLINE void dot4_lanes(const T* NF_RESTRICT a0, const T* NF_RESTRICT a1, cons
 // memory streams instead of one (the LM head while decoding one sequence
 // reads 154 MB of B rows; more streams in flight keep more of the memory
 // bandwidth busy). Each result is summed in dot_lanes's order: bitwise equal.
+// (It is dot4_lanes with the roles swapped, but calling that instead broke
+// the bitwise row independence of the few-rows GEMM at K = 15: the compiler
+// contracted the tail's multiply-adds into FMAs differently in the two
+// inlined copies. Keep the operand order of dot_lanes.)
 template <typename T>
 NF_INLINE void dot_lanes_b4(const T* NF_RESTRICT a, const T* NF_RESTRICT b0, const T* NF_RESTRICT b1,
                             const T* NF_RESTRICT b2, const T* NF_RESTRICT b3, index_t n, T out[4]) {

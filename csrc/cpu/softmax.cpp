@@ -246,6 +246,19 @@ NF_INLINE __m256i lanes_below(index_t left) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(l), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// z = s·x (+ mask) for the 8 keys at j: all of them, or the lanes in k
+// (absent lanes read as 0).
+NF_TARGET("avx2,fma")
+NF_INLINE __m256 logits8(const float* xr, const float* mr, index_t j, __m256 vs) {
+    const __m256 z = _mm256_mul_ps(vs, _mm256_loadu_ps(xr + j));
+    return mr ? _mm256_add_ps(z, _mm256_loadu_ps(mr + j)) : z;
+}
+NF_TARGET("avx2,fma")
+NF_INLINE __m256 logits8(const float* xr, const float* mr, index_t j, __m256 vs, __m256i k) {
+    const __m256 z = _mm256_mul_ps(vs, _mm256_maskload_ps(xr + j, k));
+    return mr ? _mm256_add_ps(z, _mm256_maskload_ps(mr + j, k)) : z;
+}
+
 // The AVX-512 row loop (forward_avx512_f32) with 8-lane vectors and
 // vmaskmovps tails. (The portable loop compiled for AVX2 made 4 passes with an
 // auto-vectorised exp and ran at 2.9-3.1× torch.softmax; this is the same
@@ -268,21 +281,15 @@ void forward_avx2_f32(const float* x, float* y, index_t r0, index_t r1, index_t 
         __m256 vmax0 = vneg_inf, vmax1 = vneg_inf, nan_seen = _mm256_setzero_ps();
         index_t j1 = 0;
         for (; j1 + 16 <= lim; j1 += 16) {
-            __m256 z0 = _mm256_mul_ps(vs, _mm256_loadu_ps(xr + j1));
-            __m256 z1 = _mm256_mul_ps(vs, _mm256_loadu_ps(xr + j1 + 8));
-            if (mr) {
-                z0 = _mm256_add_ps(z0, _mm256_loadu_ps(mr + j1));
-                z1 = _mm256_add_ps(z1, _mm256_loadu_ps(mr + j1 + 8));
-            }
+            const __m256 z0 = logits8(xr, mr, j1, vs), z1 = logits8(xr, mr, j1 + 8, vs);
             vmax0 = _mm256_max_ps(vmax0, z0);
             vmax1 = _mm256_max_ps(vmax1, z1);
             nan_seen = _mm256_or_ps(nan_seen, _mm256_cmp_ps(z0, z1, _CMP_UNORD_Q));  // either is NaN
         }
         for (; j1 < lim; j1 += 8) {
             const __m256i k = lanes_below(lim - j1);
-            __m256 z = _mm256_mul_ps(vs, _mm256_maskload_ps(xr + j1, k));
-            if (mr) z = _mm256_add_ps(z, _mm256_maskload_ps(mr + j1, k));
-            z = _mm256_blendv_ps(vneg_inf, z, _mm256_castsi256_ps(k));  // absent lanes: −inf
+            const __m256 z = _mm256_blendv_ps(vneg_inf, logits8(xr, mr, j1, vs, k),
+                                              _mm256_castsi256_ps(k));  // absent lanes: −inf
             vmax0 = _mm256_max_ps(vmax0, z);
             nan_seen = _mm256_or_ps(nan_seen, _mm256_cmp_ps(z, z, _CMP_UNORD_Q));
         }
@@ -305,14 +312,8 @@ void forward_avx2_f32(const float* x, float* y, index_t r0, index_t r1, index_t 
         __m256 vsum0 = _mm256_setzero_ps(), vsum1 = _mm256_setzero_ps();
         index_t j = 0;
         for (; j + 16 <= lim; j += 16) {  // two vectors per step: two exp chains in flight
-            __m256 z0 = _mm256_mul_ps(vs, _mm256_loadu_ps(xr + j));
-            __m256 z1 = _mm256_mul_ps(vs, _mm256_loadu_ps(xr + j + 8));
-            if (mr) {
-                z0 = _mm256_add_ps(z0, _mm256_loadu_ps(mr + j));
-                z1 = _mm256_add_ps(z1, _mm256_loadu_ps(mr + j + 8));
-            }
-            const __m256 e0 = exp_avx2(_mm256_sub_ps(z0, vm));
-            const __m256 e1 = exp_avx2(_mm256_sub_ps(z1, vm));
+            const __m256 e0 = exp_avx2(_mm256_sub_ps(logits8(xr, mr, j, vs), vm));
+            const __m256 e1 = exp_avx2(_mm256_sub_ps(logits8(xr, mr, j + 8, vs), vm));
             _mm256_storeu_ps(yr + j, e0);
             _mm256_storeu_ps(yr + j + 8, e1);
             vsum0 = _mm256_add_ps(vsum0, e0);
@@ -320,9 +321,8 @@ void forward_avx2_f32(const float* x, float* y, index_t r0, index_t r1, index_t 
         }
         for (; j < lim; j += 8) {
             const __m256i k = lanes_below(lim - j);
-            __m256 z = _mm256_mul_ps(vs, _mm256_maskload_ps(xr + j, k));
-            if (mr) z = _mm256_add_ps(z, _mm256_maskload_ps(mr + j, k));
-            const __m256 e = _mm256_and_ps(exp_avx2(_mm256_sub_ps(z, vm)), _mm256_castsi256_ps(k));
+            const __m256 e = _mm256_and_ps(exp_avx2(_mm256_sub_ps(logits8(xr, mr, j, vs, k), vm)),
+                                           _mm256_castsi256_ps(k));
             _mm256_maskstore_ps(yr + j, k, e);
             vsum0 = _mm256_add_ps(vsum0, e);
         }

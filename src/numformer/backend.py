@@ -254,26 +254,24 @@ def _use_cpu_matmul(a, b, out) -> bool:
 
 
 def matmul_int8(x: np.ndarray, q: np.ndarray, scale: np.ndarray,
-                bias: np.ndarray | None = None, packed: np.ndarray | None = None) -> np.ndarray:
+                bias: np.ndarray | None = None) -> np.ndarray:
     """``(x @ float(q)) ⊙ scale + bias``: a linear layer with int8 weights.
 
     x: (M, K) float32, q: (K, N) int8 or its packed layout
     (``ops.linear.pack_int8(q)``, (⌈N/64⌉, K, 64)), scale: (N,) float32 (one
     per output column), bias: (N,) float32 or None -> (M, N) float32.
-    ``packed``: the packed layout of a 2-D ``q``, read instead of it when given.
     On ``cpu`` this is the ``_cpu.matmul_int8`` kernel (non-contiguous x is
     copied first), which reads either layout (the packed one streams
     sequentially: the fast one at few rows); on ``numpy`` it is
     :func:`numformer.ops.linear.int8_matmul_reference`, which also takes both.
     """
-    w = packed if packed is not None else q
     if current() == "cpu" and hasattr(_cpu_module, "matmul_int8") and x.ndim == 2 \
-            and (w.ndim == 2 or hasattr(_cpu_module, "int8_pack_cols")):
+            and (q.ndim == 2 or hasattr(_cpu_module, "int8_pack_cols")):
         b = None if bias is None else _f32(bias)
-        return _cpu_module.matmul_int8(_f32(x), np.ascontiguousarray(w), _f32(scale), bias=b)
+        return _cpu_module.matmul_int8(_f32(x), np.ascontiguousarray(q), _f32(scale), bias=b)
     from numformer.ops import linear as linear_op
 
-    return linear_op.int8_matmul_reference(x, w, scale, bias)
+    return linear_op.int8_matmul_reference(x, q, scale, bias)
 
 
 # --------------------------------------------------------------------------
