@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "bindings/checks.h"
+#include "bindings/output_cache.h"
 #include "cpu/attention.h"
 
 namespace py = pybind11;
@@ -148,7 +149,7 @@ nc::AttentionProblem<T> make_problem(const Parsed& r, const py::array& q, const 
 template <typename T>
 py::tuple forward_t(const Parsed& r, const py::array& q, const py::array& k, const py::array& v, bool causal) {
     const auto p = make_problem<T>(r, q, k, v, causal);
-    py::array_t<T> out({r.B, r.H, r.Tq, r.D});
+    py::array_t<T> out = new_output<T>({r.B, r.H, r.Tq, r.D});
     py::array_t<T> lse({r.B, r.H, r.Tq});
     T* op = out.mutable_data();
     T* lp = lse.mutable_data();
@@ -176,9 +177,9 @@ py::tuple backward_t(const Parsed& r, const py::array& dout, const py::array& q,
     const auto p = make_problem<T>(r, q, k, v, causal);
     const nc::Tensor4<T> o = view4<T>(out), dO = view4<T>(dout);
     const T* lp = static_cast<const T*>(lse.data());
-    py::array_t<T> dq({r.B, r.H, r.Tq, r.D});
-    py::array_t<T> dk({r.B, r.H, r.Tk, r.D});
-    py::array_t<T> dv({r.B, r.H, r.Tk, r.D});
+    py::array_t<T> dq = new_output<T>({r.B, r.H, r.Tq, r.D});
+    py::array_t<T> dk = new_output<T>({r.B, r.H, r.Tk, r.D});
+    py::array_t<T> dv = new_output<T>({r.B, r.H, r.Tk, r.D});
     T* dqp = dq.mutable_data();
     T* dkp = dk.mutable_data();
     T* dvp = dv.mutable_data();

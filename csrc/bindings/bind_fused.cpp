@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "bindings/checks.h"
+#include "bindings/output_cache.h"
 #include "cpu/fused.h"
 
 namespace py = pybind11;
@@ -88,7 +89,7 @@ py::tuple layernorm_forward(const py::object& x_o, const py::object& g_o, const 
     require_vector(gamma, C, fn, "gamma");
     require_vector(beta, C, fn, "beta");
     const index_t rows = C == 0 ? 0 : x.size() / C;
-    py::array_t<float> out(shape_of(x));
+    py::array_t<float> out = new_output<float>(shape_of(x));
     std::vector<py::ssize_t> stat_shape(x.shape(), x.shape() + x.ndim() - 1);
     py::array_t<float> mean(stat_shape), rstd(stat_shape);
     {
@@ -115,7 +116,7 @@ py::tuple layernorm_backward(const py::object& d_o, const py::object& x_o, const
                               std::to_string(rows) + "), got " + shape_str(mean) + " and " +
                               shape_str(rstd));
     }
-    py::array_t<float> dx(shape_of(x)), dgamma(C), dbeta(C);
+    py::array_t<float> dx = new_output<float>(shape_of(x)), dgamma(C), dbeta(C);
     {
         const float *dp = cf(dout), *xp = cf(x), *mp = cf(mean), *rp = cf(rstd), *gp = cf(gamma);
         float *dxp = dx.mutable_data(), *dgp = dgamma.mutable_data(), *dbp = dbeta.mutable_data();
@@ -131,7 +132,7 @@ py::tuple layernorm_backward(const py::object& d_o, const py::object& x_o, const
 
 py::array gelu_forward(const py::object& x_o) {
     py::array x = f32(x_o, "gelu_tanh_forward", "x");
-    py::array_t<float> out(shape_of(x));
+    py::array_t<float> out = new_output<float>(shape_of(x));
     const float* xp = cf(x);
     float* op = out.mutable_data();
     const index_t n = x.size();
@@ -144,7 +145,7 @@ py::array gelu_backward(const py::object& d_o, const py::object& x_o) {
     const char* fn = "gelu_tanh_backward";
     py::array dout = f32(d_o, fn, "dout"), x = f32(x_o, fn, "x");
     require_same_shape(dout, x, fn, "dout", "x");
-    py::array_t<float> dx(shape_of(x));
+    py::array_t<float> dx = new_output<float>(shape_of(x));
     const float *dp = cf(dout), *xp = cf(x);
     float* gp = dx.mutable_data();
     const index_t n = x.size();

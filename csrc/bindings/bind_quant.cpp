@@ -13,6 +13,7 @@
 #include <string>
 
 #include "bindings/checks.h"
+#include "bindings/output_cache.h"
 #include "cpu/quant.h"
 
 namespace py = pybind11;
@@ -78,7 +79,7 @@ py::array matmul_int8(const py::object& x_o, const py::object& q_o, const py::ob
     }
     checked_mul(M, N, kFn);
     checked_mul(K, N, kFn);
-    py::array_t<float> y({static_cast<py::ssize_t>(M), static_cast<py::ssize_t>(N)});
+    py::array_t<float> y = new_output<float>({static_cast<py::ssize_t>(M), static_cast<py::ssize_t>(N)});
     const float* xp = static_cast<const float*>(x.data());
     const auto* qp = static_cast<const std::int8_t*>(q.data());
     const float* sp = static_cast<const float*>(s.data());

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "bindings/checks.h"
+#include "bindings/output_cache.h"
 #include "cpu/gemm.h"
 #include "cpu/runtime.h"
 #include "cpu/softmax.h"
@@ -124,9 +125,9 @@ py::array matmul(const py::object& a_obj, const py::object& b_obj, bool trans_a,
     if (out_obj.is_none()) {
         if (accumulate) throw py::value_error(std::string(fn) + ": accumulate=True needs out=");
         if (da == DType::f32)
-            out = py::array_t<float>(out_shape);
+            out = new_output<float>(out_shape);
         else
-            out = py::array_t<double>(out_shape);
+            out = new_output<double>(out_shape);
     } else {
         out = require_array(out_obj, fn, "out");
         require_same_dtype(a, da, out, require_float(out, fn, "out"), fn, "a", "out");
@@ -222,7 +223,7 @@ py::array softmax_forward(const py::object& x_obj, double scale, const py::objec
     const index_t rows = n == 0 ? 0 : x.size() / n;
     if (dt == DType::f32) {
         const nc::SoftmaxMask<float> mk = softmax_mask<float>(x, mask_obj, causal, fn);
-        py::array_t<float> y(shape);
+        py::array_t<float> y = new_output<float>(shape);
         const float* xp = static_cast<const float*>(x.data());
         float* yp = y.mutable_data();
         py::gil_scoped_release release;
@@ -230,7 +231,7 @@ py::array softmax_forward(const py::object& x_obj, double scale, const py::objec
         return std::move(y);
     }
     const nc::SoftmaxMask<double> mk = softmax_mask<double>(x, mask_obj, causal, fn);
-    py::array_t<double> y(shape);
+    py::array_t<double> y = new_output<double>(shape);
     const double* xp = static_cast<const double*>(x.data());
     double* yp = y.mutable_data();
     py::gil_scoped_release release;
@@ -257,7 +258,7 @@ py::array softmax_backward(const py::object& dy_obj, const py::object& y_obj, do
     const index_t n = y.shape(y.ndim() - 1);
     const index_t rows = n == 0 ? 0 : y.size() / n;
     if (dt == DType::f32) {
-        py::array_t<float> dx(shape);
+        py::array_t<float> dx = new_output<float>(shape);
         const float* dyp = static_cast<const float*>(dy.data());
         const float* yp = static_cast<const float*>(y.data());
         float* dxp = dx.mutable_data();
@@ -265,7 +266,7 @@ py::array softmax_backward(const py::object& dy_obj, const py::object& y_obj, do
         nc::softmax_backward<float>(dyp, yp, dxp, rows, n, static_cast<float>(scale));
         return std::move(dx);
     }
-    py::array_t<double> dx(shape);
+    py::array_t<double> dx = new_output<double>(shape);
     const double* dyp = static_cast<const double*>(dy.data());
     const double* yp = static_cast<const double*>(y.data());
     double* dxp = dx.mutable_data();
@@ -355,6 +356,7 @@ with no finite entry (fully masked) gives all zeros; a row containing NaN or
     m.attr("__build_info__") = nc::build_info();
     register_bpe(m);
     register_quant(m);
+    register_output_cache(m);
 
     m.def("measure_fma_peak",
           [](double seconds, int threads) {
