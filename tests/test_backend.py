@@ -32,6 +32,30 @@ def test_environment_variable(monkeypatch):
     assert backend.current() == ("cpu" if backend.cpu_available() else "numpy")
 
 
+def test_pinned_holds_the_backend_for_a_pass(monkeypatch):
+    monkeypatch.setenv("NUMFORMER_BACKEND", "numpy")
+    with backend.pinned():
+        monkeypatch.delenv("NUMFORMER_BACKEND")
+        assert backend.current() == "numpy"          # chosen on entry, held inside
+        with backend.use("cpu" if backend.cpu_available() else "numpy"), backend.pinned():
+            assert backend.current() == ("cpu" if backend.cpu_available() else "numpy")  # use() wins
+        assert backend.current() == "numpy"
+    assert backend.current() == ("cpu" if backend.cpu_available() else "numpy")
+
+
+def test_a_model_pass_reads_the_environment_once(monkeypatch):
+    from numformer.models.gpt2 import GPT2, GPT2Config
+
+    model = GPT2.init(GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2), seed=0)
+    reads = []
+    real = backend._env_backend
+    monkeypatch.setattr(backend, "_env_backend", lambda: reads.append(1) or real())
+    ids = np.array([[1, 2, 3]])
+    _, loss, cache = model.forward(ids, targets=ids)
+    model.backward(cache)
+    assert len(reads) == 2                           # one per pass, not one per op
+
+
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="unknown backend"):
         with backend.use("gpu"):

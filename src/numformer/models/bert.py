@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from numformer import backend
 from numformer.ops import attention, dense, dropout, embedding, gelu, layernorm
 from numformer.params import ParamLayout
 
@@ -208,6 +209,7 @@ class BertModel:
         return flat[wb:we].reshape(3 * C, C), flat[bb:be]
 
     # --------------------------------------------------------------- forward
+    @backend.pinned()                 # one backend for the whole pass (backend.pinned)
     def forward(self, ids: np.ndarray, attention_mask: np.ndarray | None = None,
                 token_type_ids: np.ndarray | None = None, *, train: bool = False,
                 rng: np.random.Generator | None = None):
@@ -283,6 +285,7 @@ class BertModel:
         return x, (qkv_c, att_c, ao_c, drop1_c, ln1_c, fi_c, gelu_c, fo_c, drop2_c, ln2_c)
 
     # -------------------------------------------------------------- backward
+    @backend.pinned()                 # one backend for the whole pass (backend.pinned)
     def backward(self, cache, dhidden: np.ndarray | None = None, dpooled: np.ndarray | None = None,
                  grads: np.ndarray | None = None) -> np.ndarray:
         """Gradients of a scalar loss given its gradients w.r.t. the outputs.

@@ -194,6 +194,7 @@ class GPT2:
         return mask
 
     # --------------------------------------------------------------- forward
+    @backend.pinned()                 # one backend for the whole pass (backend.pinned)
     def forward(self, ids: np.ndarray, targets: np.ndarray | None = None, *, train: bool = False,
                 rng: np.random.Generator | None = None, kv_cache: KVCache | None = None,
                 key_mask: np.ndarray | None = None, reuse_logits: bool = False,
@@ -230,6 +231,7 @@ class GPT2:
         cache = (*body_c, xf, ce_c)
         return logits, loss, cache
 
+    @backend.pinned()                 # one backend for the whole pass (backend.pinned)
     def hidden(self, ids: np.ndarray, *, train: bool = False, rng: np.random.Generator | None = None,
                key_mask: np.ndarray | None = None):
         """The final hidden states, after ``ln_f`` and before the tied LM head.
@@ -312,6 +314,7 @@ class GPT2:
         return linear.forward(x, self.params[module + ".weight"], self.params[module + ".bias"])
 
     # -------------------------------------------------------------- backward
+    @backend.pinned()                 # one backend for the whole pass (backend.pinned)
     def backward(self, cache, grads: np.ndarray | None = None, dloss: float = 1.0, *,
                  dhidden: np.ndarray | None = None) -> np.ndarray:
         """Gradient of the loss with respect to every parameter.
