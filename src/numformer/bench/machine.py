@@ -139,6 +139,10 @@ def describe() -> dict:
         info["numformer_cpu"] = cpu.build_info() if hasattr(cpu, "build_info") else "present"
         if hasattr(cpu, "isa"):
             info["isa"] = cpu.isa()
+        if hasattr(cpu, "output_cache_info"):
+            cache = cpu.output_cache_info()
+            info["output_cache"] = (f"results of >= {cache['min_bytes'] >> 20} MiB reuse freed blocks, "
+                                    f"up to {cache['limit_bytes'] >> 20} MiB idle (NUMFORMER_OUTPUT_CACHE_MB)")
     else:
         info["numformer_cpu"] = None
     try:

@@ -175,6 +175,8 @@ def markdown_machine(meta: dict) -> str:
              f"PyTorch {m.get('torch') or 'not installed'}, transformers {m.get('transformers') or 'not installed'}"]
     if m.get("numformer_cpu"):
         lines.append(f"- numformer._cpu: {m['numformer_cpu']}")
+        if m.get("output_cache"):
+            lines.append(f"- output cache: {m['output_cache']}")
     else:
         lines.append("- numformer._cpu: **not available** — 'ours' rows are missing")
     if m.get("blas"):
