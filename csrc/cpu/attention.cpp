@@ -725,11 +725,15 @@ void attention_forward(const AttentionProblem<T>& p, T* out, T* lse) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         Scratch<T> ws(ws_size);
-        // Heaviest first (the last query tiles see the most keys when causal).
+        // Head by head, and within a head the heaviest query tile first (the
+        // last query tiles see the most keys when causal). Consecutive tasks
+        // then read the same K and V, which stay in L2/L3; taking the heads
+        // in turn instead (the order before) fetched a new head's K and V for
+        // every task and cost ~18 % of the forward (Zen 3, T = 1024, D = 64).
 #pragma omp for schedule(dynamic, 1)
         for (index_t t = 0; t < tasks; ++t) {
-            const index_t qt = n_qtiles - 1 - t / bh_count;
-            fn(p, t % bh_count, qt, out, lse, ws.data());
+            const index_t qt = n_qtiles - 1 - t % n_qtiles;
+            fn(p, t / n_qtiles, qt, out, lse, ws.data());
         }
     }
 }
