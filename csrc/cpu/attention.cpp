@@ -108,12 +108,12 @@ template <typename T> using GenericCfg = Cfg<T, 16, 4, 2>;
 //             so the loop has no edge case; only m rows are stored)
 //   B[p, :] = b[p·ldb + 0 .. NV·VL)
 // ---------------------------------------------------------------------------
-template <class C, int NV>
+template <class C, int MR, int NV>
 NF_INLINE void micro(index_t np, const typename C::T* NF_RESTRICT a, index_t ars, index_t aps,
                      index_t m, const typename C::T* NF_RESTRICT b, index_t ldb,
                      typename C::T* NF_RESTRICT c, index_t ldc, bool accumulate) {
     using T = typename C::T;
-    constexpr int MR = C::MR, VL = C::VL;
+    constexpr int VL = C::VL;
     index_t ro[MR];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) ro[r] = std::min<index_t>(r, m - 1) * ars;
@@ -160,13 +160,37 @@ NF_INLINE void micro(index_t np, const typename C::T* NF_RESTRICT a, index_t ars
 #endif
 }
 
+// One MR-row block of C for nv vectors of columns (the micro-kernel for nv).
+template <class C, int MR>
+NF_INLINE void micro_rows(int nv, index_t np, const typename C::T* a, index_t ars, index_t aps,
+                          index_t m, const typename C::T* b, index_t ldb, typename C::T* c,
+                          index_t ldc, bool accumulate) {
+    switch (nv) {
+        case 1: micro<C, MR, 1>(np, a, ars, aps, m, b, ldb, c, ldc, accumulate); break;
+        case 2:
+            if constexpr (C::NVMAX >= 2) micro<C, MR, 2>(np, a, ars, aps, m, b, ldb, c, ldc, accumulate);
+            break;
+        case 3:
+            if constexpr (C::NVMAX >= 3) micro<C, MR, 3>(np, a, ars, aps, m, b, ldb, c, ldc, accumulate);
+            break;
+        default:
+            if constexpr (C::NVMAX >= 4) micro<C, MR, 4>(np, a, ars, aps, m, b, ldb, c, ldc, accumulate);
+            break;
+    }
+}
+
 // C (M × N) (+)= A (M × np, strides ars/aps) · B (np × N, row stride ldb).
 // N must be a whole number of vectors (callers pad lanes / head dimension).
+// Rows go in blocks of C::MR; the last m < MR rows use a kernel of 4 or 2
+// rows when that suffices (64 = 10·6 + 4 rows: a 6-row kernel there would
+// compute 2 rows for nothing, 3 % of the work). Every element of C gets the
+// same sequence of FMAs whatever the block, so the result does not change.
 template <class C>
 NF_INLINE void block_gemm(index_t M, index_t N, index_t np, const typename C::T* a, index_t ars,
                           index_t aps, const typename C::T* b, index_t ldb, typename C::T* c,
                           index_t ldc, bool accumulate) {
     constexpr index_t NR = index_t(C::VL) * C::NVMAX;
+    constexpr int MR = C::MR;
     if (np == 0) {  // empty sum: C = 0, or unchanged
         if (!accumulate)
             for (index_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, typename C::T(0));
@@ -174,23 +198,26 @@ NF_INLINE void block_gemm(index_t M, index_t N, index_t np, const typename C::T*
     }
     for (index_t j0 = 0; j0 < N; j0 += NR) {
         const int nv = int(std::min<index_t>(NR, N - j0) / C::VL);
-        for (index_t i0 = 0; i0 < M; i0 += C::MR) {
-            const index_t m = std::min<index_t>(C::MR, M - i0);
-            const auto* ai = a + i0 * ars;
-            auto* ci = c + i0 * ldc + j0;
-            switch (nv) {
-                case 1: micro<C, 1>(np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate); break;
-                case 2:
-                    if constexpr (C::NVMAX >= 2) micro<C, 2>(np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate);
-                    break;
-                case 3:
-                    if constexpr (C::NVMAX >= 3) micro<C, 3>(np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate);
-                    break;
-                default:
-                    if constexpr (C::NVMAX >= 4) micro<C, 4>(np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate);
-                    break;
+        index_t i0 = 0;
+        for (; i0 + MR <= M; i0 += MR)
+            micro_rows<C, MR>(nv, np, a + i0 * ars, ars, aps, MR, b + j0, ldb, c + i0 * ldc + j0, ldc, accumulate);
+        const index_t m = M - i0;  // 0 ≤ m < MR rows left
+        const auto* ai = a + i0 * ars;
+        auto* ci = c + i0 * ldc + j0;
+        if (m == 0) continue;
+        if constexpr (MR > 2) {
+            if (m <= 2) {
+                micro_rows<C, 2>(nv, np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate);
+                continue;
             }
         }
+        if constexpr (MR > 4) {
+            if (m <= 4) {
+                micro_rows<C, 4>(nv, np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate);
+                continue;
+            }
+        }
+        micro_rows<C, MR>(nv, np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate);
     }
 }
 
