@@ -111,7 +111,8 @@ template <typename T> using GenericCfg = Cfg<T, 16, 4, 2>;
 template <class C, int MR, int NV>
 NF_INLINE void micro(index_t np, const typename C::T* NF_RESTRICT a, index_t ars, index_t aps,
                      index_t m, const typename C::T* NF_RESTRICT b, index_t ldb,
-                     typename C::T* NF_RESTRICT c, index_t ldc, bool accumulate) {
+                     typename C::T* NF_RESTRICT c, index_t ldc, bool accumulate,
+                     const typename C::T* NF_RESTRICT cs) {
     using T = typename C::T;
     constexpr int VL = C::VL;
     index_t ro[MR];
@@ -144,7 +145,13 @@ NF_INLINE void micro(index_t np, const typename C::T* NF_RESTRICT a, index_t ars
             if (accumulate) {
                 V old;
                 std::memcpy(&old, c + r * ldc + v * VL, sizeof(V));
-                cv += old;
+                if (cs != nullptr) {
+                    V sv;
+                    std::memcpy(&sv, cs + v * VL, sizeof(V));
+                    cv += old * sv;  // one FMA
+                } else {
+                    cv += old;
+                }
             }
             std::memcpy(c + r * ldc + v * VL, &cv, sizeof(V));
         }
@@ -156,7 +163,7 @@ NF_INLINE void micro(index_t np, const typename C::T* NF_RESTRICT a, index_t ars
             for (int j = 0; j < NV * VL; ++j) acc[r][j] += a[ro[r]] * b[j];
     for (index_t r = 0; r < m; ++r)
         for (int j = 0; j < NV * VL; ++j)
-            c[r * ldc + j] = (accumulate ? c[r * ldc + j] : T(0)) + acc[r][j];
+            c[r * ldc + j] = (accumulate ? c[r * ldc + j] * (cs ? cs[j] : T(1)) : T(0)) + acc[r][j];
 #endif
 }
 
@@ -164,17 +171,17 @@ NF_INLINE void micro(index_t np, const typename C::T* NF_RESTRICT a, index_t ars
 template <class C, int MR>
 NF_INLINE void micro_rows(int nv, index_t np, const typename C::T* a, index_t ars, index_t aps,
                           index_t m, const typename C::T* b, index_t ldb, typename C::T* c,
-                          index_t ldc, bool accumulate) {
+                          index_t ldc, bool accumulate, const typename C::T* cs) {
     switch (nv) {
-        case 1: micro<C, MR, 1>(np, a, ars, aps, m, b, ldb, c, ldc, accumulate); break;
+        case 1: micro<C, MR, 1>(np, a, ars, aps, m, b, ldb, c, ldc, accumulate, cs); break;
         case 2:
-            if constexpr (C::NVMAX >= 2) micro<C, MR, 2>(np, a, ars, aps, m, b, ldb, c, ldc, accumulate);
+            if constexpr (C::NVMAX >= 2) micro<C, MR, 2>(np, a, ars, aps, m, b, ldb, c, ldc, accumulate, cs);
             break;
         case 3:
-            if constexpr (C::NVMAX >= 3) micro<C, MR, 3>(np, a, ars, aps, m, b, ldb, c, ldc, accumulate);
+            if constexpr (C::NVMAX >= 3) micro<C, MR, 3>(np, a, ars, aps, m, b, ldb, c, ldc, accumulate, cs);
             break;
         default:
-            if constexpr (C::NVMAX >= 4) micro<C, MR, 4>(np, a, ars, aps, m, b, ldb, c, ldc, accumulate);
+            if constexpr (C::NVMAX >= 4) micro<C, MR, 4>(np, a, ars, aps, m, b, ldb, c, ldc, accumulate, cs);
             break;
     }
 }
@@ -188,36 +195,38 @@ NF_INLINE void micro_rows(int nv, index_t np, const typename C::T* a, index_t ar
 template <class C>
 NF_INLINE void block_gemm(index_t M, index_t N, index_t np, const typename C::T* a, index_t ars,
                           index_t aps, const typename C::T* b, index_t ldb, typename C::T* c,
-                          index_t ldc, bool accumulate) {
+                          index_t ldc, bool accumulate, const typename C::T* cs = nullptr) {
     constexpr index_t NR = index_t(C::VL) * C::NVMAX;
     constexpr int MR = C::MR;
-    if (np == 0) {  // empty sum: C = 0, or unchanged
-        if (!accumulate)
-            for (index_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + N, typename C::T(0));
+    if (np == 0) {  // empty sum: C = 0, or unchanged (scaled)
+        for (index_t i = 0; i < M; ++i)
+            for (index_t j = 0; j < N; ++j)
+                c[i * ldc + j] = accumulate ? c[i * ldc + j] * (cs ? cs[j] : typename C::T(1)) : typename C::T(0);
         return;
     }
     for (index_t j0 = 0; j0 < N; j0 += NR) {
         const int nv = int(std::min<index_t>(NR, N - j0) / C::VL);
+        const auto* csj = cs != nullptr ? cs + j0 : nullptr;
         index_t i0 = 0;
         for (; i0 + MR <= M; i0 += MR)
-            micro_rows<C, MR>(nv, np, a + i0 * ars, ars, aps, MR, b + j0, ldb, c + i0 * ldc + j0, ldc, accumulate);
+            micro_rows<C, MR>(nv, np, a + i0 * ars, ars, aps, MR, b + j0, ldb, c + i0 * ldc + j0, ldc, accumulate, csj);
         const index_t m = M - i0;  // 0 ≤ m < MR rows left
         const auto* ai = a + i0 * ars;
         auto* ci = c + i0 * ldc + j0;
         if (m == 0) continue;
         if constexpr (MR > 2) {
             if (m <= 2) {
-                micro_rows<C, 2>(nv, np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate);
+                micro_rows<C, 2>(nv, np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate, csj);
                 continue;
             }
         }
         if constexpr (MR > 4) {
             if (m <= 4) {
-                micro_rows<C, 4>(nv, np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate);
+                micro_rows<C, 4>(nv, np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate, csj);
                 continue;
             }
         }
-        micro_rows<C, MR>(nv, np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate);
+        micro_rows<C, MR>(nv, np, ai, ars, aps, m, b + j0, ldb, ci, ldc, accumulate, csj);
     }
 }
 
@@ -465,12 +474,11 @@ NF_INLINE void forward_task(const AttentionProblem<typename C::T>& P, index_t bh
 
         // Online softmax, lane-wise over the queries.
         const bool rescale = online_softmax_step<C>(st, nk, W, m, l, alpha, sw);
-        if (!first && rescale)  // α = 1 in every lane otherwise
-            for (index_t d = 0; d < D; ++d)
-                for (index_t i = 0; i < W; ++i) ot[d * kBr + i] *= alpha[i];
-
-        // Oᵀ (+)= V_jᵀ · Pᵀ                              (D × W), p = key
-        block_gemm<C>(D, W, nk, vh + j0 * P.v.st, 1, P.v.st, st, kBr, ot, kBr, !first);
+        // Oᵀ = α ⊙ Oᵀ + V_jᵀ · Pᵀ                      (D × W), p = key
+        // (α applied as the GEMM stores, not by a pass of its own over Oᵀ;
+        // when no max moved, α = 1 in every lane and it is skipped.)
+        block_gemm<C>(D, W, nk, vh + j0 * P.v.st, 1, P.v.st, st, kBr, ot, kBr, !first,
+                      rescale ? alpha : nullptr);
         first = false;
     }
 
