@@ -219,26 +219,6 @@ void forward_avx512_f32(const float* x, float* y, index_t r0, index_t r1, index_
 // ---- AVX2 float rows ---------------------------------------------------------
 #if NUMFORMER_X86_DISPATCH
 
-// e^x for x ≤ 0 (or −inf), 8 lanes: the method of vexp and exp_avx512. 2^n
-// is built in the exponent bits: for n ∈ [−126, 127], (n + 127) << 23 are the
-// bits of 2^n. Below kLowest (n < −126, −inf included) those bits are
-// meaningless, and the compare masks the lane to 0 — the flush of vexp.
-NF_TARGET("avx2,fma")
-NF_INLINE __m256 exp_avx2(__m256 x) {
-    using Tr = ExpTraits<float>;
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(Tr::kLog2e)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(Tr::kLn2Hi), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(Tr::kLn2Lo), r);
-    constexpr InvFactorials<float, Tr::kDegree> c{};
-    __m256 p = _mm256_set1_ps(c.value[Tr::kDegree]);
-#pragma GCC unroll 8
-    for (int i = Tr::kDegree - 1; i >= 0; --i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c.value[i]));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-    return _mm256_and_ps(e, _mm256_cmp_ps(x, _mm256_set1_ps(Tr::kLowest), _CMP_GE_OQ));
-}
-
 // Lanes [0, left) of 8 (all when left ≥ 8), as a vmaskmovps mask.
 NF_TARGET("avx2,fma")
 NF_INLINE __m256i lanes_below(index_t left) {
