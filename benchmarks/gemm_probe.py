@@ -36,15 +36,22 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMFO
 import numpy as np  # noqa: E402
 
 from numformer import _cpu  # noqa: E402
+from numformer.bench.timing import wait_until_idle  # noqa: E402
 
 
 def interleaved(fns, reps):
-    """Min seconds of each callable, calling them round-robin `reps` times (after one warm-up)."""
+    """Min seconds of each callable, calling them round-robin `reps` times (after one warm-up).
+
+    Before each sample we wait until the process is idle: OpenBLAS's workers
+    spin ~0.1 s after a call and would otherwise take a core from whatever
+    runs next (see numformer.bench.timing.wait_until_idle).
+    """
     for f in fns:
         f()
     best = [float("inf")] * len(fns)
     for _ in range(reps):
         for i, f in enumerate(fns):
+            wait_until_idle()
             t0 = time.perf_counter()
             f()
             best[i] = min(best[i], time.perf_counter() - t0)

@@ -150,6 +150,9 @@ def _method_notes(peaks: dict) -> list[str]:
         "implementation's spinning pool threads (OpenBLAS spins ~0.1 s after a call) do not take a "
         "core from the next one; calls under 0.25 s then get one untimed call first (their own "
         "pool awake, as in a loop).",
+        "GEMM rows write into a preallocated output (out=) for every implementation: kernel "
+        "against kernel. Softmax and attention rows return fresh arrays, as the model calls them "
+        "(ours reuse freed blocks of >= 32 MiB: see the output cache above).",
         "Rates: GEMM 2·M·K·N FLOP; softmax bytes read + written (fwd 8 B/element, bwd 12 B/element); "
         "causal attention (matmuls)·B·H·T(T+1)·D FLOP with 2 matmuls for fwd and 7 for fwd+bwd.",
         f"'of peak' compares ours with this run's FMA peak ({peaks.get('fma_method')}), copy bandwidth, "
