@@ -105,12 +105,10 @@ CachedBlock acquire_block(std::size_t bytes) {
     Block b{nullptr, (bytes + kAlign - 1) / kAlign * kAlign};
     {
         std::lock_guard<std::mutex> guard(c.lock);
-        if (take_idle(c, b.bytes, &b)) {
+        if (take_idle(c, b.bytes, &b))  // leaves b as it is when nothing fits
             ++c.hits;
-        } else {
+        else
             ++c.misses;
-            b.data = nullptr;
-        }
     }
     if (b.data == nullptr) {
         b.data = std::aligned_alloc(kAlign, b.bytes);
