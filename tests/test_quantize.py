@@ -46,10 +46,10 @@ EPS32 = float(np.finfo(np.float32).eps)
 TINY32 = float(np.finfo(np.float32).tiny)
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-gpt2")
 
-# Row counts: every streaming tile (1–8, 4-row groups + 1–3 remainder), the
-# cut-over to the GEMM path (8/9) and GEMM tile edges. Column/depth sizes:
-# the 64-column block and 16-lane vector edges, primes, and 1.
-ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 17, 31, 64, 97]
+# Row counts: every streaming tile (1–8, 4-row groups + 1–3 remainder), more
+# groups (9–64), the cut-over to the GEMM path (64/65) and GEMM tile edges.
+# Column/depth sizes: the 64-column block and 16-lane vector edges, primes, and 1.
+ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 17, 31, 63, 64, 65, 97]
 SIZES = [1, 2, 3, 5, 7, 13, 15, 16, 17, 31, 32, 33, 63, 64, 65, 97, 127, 128, 129, 191, 193, 257]
 
 
@@ -130,10 +130,18 @@ def test_numpy_reference_and_backend_agree_on_gpt2_like_shapes(M):
 
 
 @needs_cpu
+def test_stream_rows_constant_matches_the_kernel():
+    # quantize.py decides when to slice the head by the kernel's cut-over; the two must agree
+    import numformer.quantize as qmod
+
+    assert qmod.INT8_STREAM_ROWS == _cpu.int8_stream_rows
+
+
+@needs_cpu
 def test_large_k_and_n_edges():
-    # K and N not multiples of 16/64; both paths (stream: M ≤ 8, GEMM: M > 8)
+    # K and N not multiples of 16/64; both paths (stream: M ≤ 64, GEMM: M > 64)
     rng = np.random.default_rng(0)
-    for M in (1, 8, 9, 40):
+    for M in (1, 8, 9, 40, 64, 65, 71):
         K, N = 1031, 577
         x = rng.standard_normal((M, K)).astype(np.float32)
         q = rng.integers(-127, 128, size=(K, N)).astype(np.int8)
@@ -365,16 +373,17 @@ def test_quantized_model_computes_the_dequantized_model(float_model, int8_head):
 
 @pytest.mark.parametrize("slice_cols", [64, 3072])
 def test_int8_head_in_column_slices(float_model, monkeypatch, slice_cols):
-    # more than 8 rows: the head runs in slices of whole 64-column blocks (V = 67: 64 + 3 with slices of 64)
+    # more than INT8_STREAM_ROWS rows: the head runs in slices of whole 64-column blocks
+    # (V = 67: 64 + 3 with slices of 64)
     import numformer.quantize as qmod
 
     monkeypatch.setattr(qmod, "HEAD_SLICE_COLS", slice_cols)
     qm = quantize_model(float_model)
-    x = np.random.default_rng(2).standard_normal((23, CFG.n_embd)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((70, CFG.n_embd)).astype(np.float32)
     q, s = qm.head.unpack(), qm.head.scale
     for name in BACKENDS:
         with backend.use(name):
-            for rows in (1, 8, 9, 23):
+            for rows in (1, 8, 9, qmod.INT8_STREAM_ROWS, qmod.INT8_STREAM_ROWS + 1, 70):
                 y = qm._head(x[:rows])
                 assert y.shape == (rows, CFG.vocab_size)
                 assert np.all(np.abs(y - _reference64(x[:rows], q, s, None)) <= _bound(x[:rows], q, s, None))

@@ -103,8 +103,8 @@ packed as (ceil(N/64), K, 64) (numformer.ops.linear.pack_int8: 64-column blocks,
 each K contiguous rows, the last zero-padded), which the few-rows path reads
 sequentially; scale: (N,) float32, the per-column dequantization scale; bias:
 (N,) float32 or None. All C-contiguous. Returns a new (M, N) float32 array. Up
-to 8 rows stream q once, converting to float in registers; more rows run the
-blocked float GEMM on an exact float copy of q.)doc");
+to 64 rows (int8_stream_rows) stream q, converting to float in registers; more
+rows run the blocked float GEMM on an exact float copy of q.)doc");
     m.attr("int8_pack_cols") = nc::kInt8PackCols;
     m.attr("int8_stream_rows") = nc::kInt8StreamRows;
 }

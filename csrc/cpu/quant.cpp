@@ -9,10 +9,12 @@
 //
 // Two regimes:
 //
-// * M ≤ kInt8StreamRows (sampling: one row per sequence in the batch). The
-//   product is bound by reading q: K·N bytes for 2·M·K·N flops. That is the
-//   whole point of int8 weights — a quarter of float32's memory traffic —
-//   so q is streamed once and converted to float in registers:
+// * M ≤ kInt8StreamRows = 64 (sampling: one row per sequence in the batch;
+//   short prompts). At M = 1 the product is bound by reading q: K·N bytes
+//   for 2·M·K·N flops. That is the whole point of int8 weights — a quarter
+//   of float32's memory traffic — so q is streamed once and converted to
+//   float in registers (for more rows the conversion is redone per group of
+//   rows, from L2, which still beats the GEMM path below up to M ≈ 96):
 //
 //     task = a block of NB = 64 columns
 //     for each pass over 4 vectors of those columns (AVX-512: all 64)
@@ -44,8 +46,10 @@
 //   blocked float GEMM (gemm.cpp) is the fast code we already have. q is
 //   converted to float once (exactly) into a scratch K×N buffer, the GEMM
 //   forms x · float(q), and one pass applies ⊙ s + b. The conversion costs
-//   K·N operations against the GEMM's 2·M·K·N, < 4 % for M > 8 and nothing
-//   for the M in the hundreds of a prefill. (Converting inside the GEMM's
+//   K·N operations against the GEMM's 2·M·K·N, but it writes and reads
+//   4·K·N bytes of memory: at M = 16 that made this path 2.4-3.6× slower than
+//   streaming, hence the threshold of 64 rows; for the M in the hundreds of a
+//   prefill it is a few %. (Converting inside the GEMM's
 //   B-packing step would save the scratch buffer but means a second
 //   packing routine per kernel variant; the scratch is kept per thread and
 //   reused, so there is no allocation per call.)

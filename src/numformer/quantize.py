@@ -75,7 +75,7 @@ FORMAT_VERSION = 2               # 2: the "int8_head" entry (version 1 folders, 
 READ_VERSIONS = (1, 2)
 HEAD_NAME = "wte.weight"         # the tied embedding / output head
 QMAX = 127                       # symmetric: −127..127 (−128 unused, so negation is exact)
-INT8_STREAM_ROWS = 8             # the kernel streams q up to this many rows (numformer._cpu.int8_stream_rows)
+INT8_STREAM_ROWS = 64            # the kernel streams q up to this many rows (numformer._cpu.int8_stream_rows)
 HEAD_SLICE_COLS = 3072           # an int8 head with more rows runs in slices of this many columns (× 64)
 
 CONFIG_FILE = "config.json"
@@ -248,7 +248,7 @@ class QuantizedGPT2(GPT2):
     def _head(self, x2):
         """logits (M, V) = x2 · (q_head ⊙ s) — the same int8 kernel as the blocks, N = V columns.
 
-        Up to 8 rows (decoding) stream the packed head once. More rows
+        Up to 64 rows (decoding, short prompts) stream the packed head. More rows
         (evaluation, a prefill without ``last_only``) run the kernel's GEMM
         path, which converts q to a float32 scratch of K×N that it keeps per
         thread: the whole head at once would leave a float copy of ``wte``
