@@ -47,9 +47,9 @@
 //   converted to float once (exactly) into a scratch K×N buffer, the GEMM
 //   forms x · float(q), and one pass applies ⊙ s + b. The conversion costs
 //   K·N operations against the GEMM's 2·M·K·N, but it writes and reads
-//   4·K·N bytes of memory: at M = 16 that made this path 2.4-3.6× slower than
-//   streaming, hence the threshold of 64 rows; for the M in the hundreds of a
-//   prefill it is a few %. (Converting inside the GEMM's
+//   4·K·N bytes of memory, which is why this path starts only above
+//   kInt8StreamRows (quant.h has the measured cut-over); for the M in the
+//   hundreds of a prefill it is a few %. (Converting inside the GEMM's
 //   B-packing step would save the scratch buffer but means a second
 //   packing routine per kernel variant; the scratch is kept per thread and
 //   reused, so there is no allocation per call.)
