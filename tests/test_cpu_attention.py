@@ -256,9 +256,11 @@ def test_strided_views_are_read_in_place_and_match_copies():
     np.testing.assert_allclose(out_b, out_n, rtol=1e-5, atol=1e-6)
 
 
-def test_results_do_not_depend_on_thread_count():
+@pytest.mark.parametrize("tq, tk", [(150, 150), (1, 300)])   # tiled path; decode path (threads from 256 KiB)
+def test_results_do_not_depend_on_thread_count(tq, tk):
     rng = np.random.default_rng(2)
-    q, k, v, dout = (rng.standard_normal((1, 3, 150, 32)).astype(np.float32) for _ in range(4))
+    q, dout = (rng.standard_normal((1, 12, tq, 64)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((1, 12, tk, 64)).astype(np.float32) for _ in range(2))
     before = _cpu.num_threads()
     try:
         _cpu.set_num_threads(1)
@@ -269,6 +271,26 @@ def test_results_do_not_depend_on_thread_count():
         _cpu.set_num_threads(before)
     for name in one:
         np.testing.assert_array_equal(one[name], three[name])
+
+
+@pytest.mark.parametrize("D", [64, 80, 13])       # the AVX2 decode forms (D % 8 = 0) and the portable one
+@pytest.mark.parametrize("isa", ISAS)
+def test_decode_ignores_non_finite_values_of_hidden_keys(D, isa):
+    """A hidden key has p = 0; its values must not reach the output even
+    when they are inf or NaN (0·inf would be NaN)."""
+    rng = np.random.default_rng(D)
+    q = rng.standard_normal((2, 3, 1, D)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 3, 37, D)).astype(np.float32) for _ in range(2))
+    key_mask = rng.random((2, 37)) < 0.6
+    key_mask[:, 0] = True
+    v_bad = v.copy()
+    v_bad[0][:, ~key_mask[0]] = np.inf                     # (H, hidden keys, D) of each row
+    v_bad[1][:, ~key_mask[1]] = np.nan
+    with using_isa(isa):
+        want, _ = _cpu.attention_forward(q, k, np.where(key_mask[:, None, :, None], v, 0), causal=False,
+                                         key_mask=key_mask)
+        got, _ = _cpu.attention_forward(q, k, v_bad, causal=False, key_mask=key_mask)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_explicit_scale():
