@@ -160,3 +160,21 @@ def test_backend_cuda_gpt2_loss_and_grads_match_numpy():
         loss_c, grads_c = model.loss_and_grads(ids, targets)
     assert abs(loss_n - loss_c) <= 1e-5 * abs(loss_n)
     np.testing.assert_allclose(grads_c, grads_n, rtol=1e-3, atol=1e-5 * np.abs(grads_n).max())
+
+
+def test_device_gpt2_forward_matches_the_cpu_model():
+    """numformer.cuda_model.DeviceGPT2 at GPT-2 124M's size (random weights):
+    the weights live on the device as DeviceArrays, and the logits agree with
+    the model on NumPy within float32 accumulation error."""
+    from numformer import backend
+    from numformer.cuda_model import DeviceGPT2
+    from numformer.models.gpt2 import GPT2, GPT2Config
+
+    model = GPT2.init(GPT2Config(), seed=0)
+    ids = np.random.default_rng(0).integers(0, 50257, (2, 64))
+    dm = DeviceGPT2(model)
+    assert all(isinstance(w, _cuda.DeviceArray) for w in dm.weights.values())
+    got = dm.forward(ids)
+    with backend.use("numpy"):
+        want = model.forward(ids)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())

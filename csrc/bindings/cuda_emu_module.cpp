@@ -64,6 +64,11 @@ struct EmuPolicy {
         r.data = static_cast<const std::uint8_t*>(r.hold.data());
         return r;
     }
+    struct Ids {
+        py::array_t<std::int32_t> hold;
+        const std::int32_t* data = nullptr;
+    };
+    static Ids ids(const py::array_t<std::int32_t>& host) { return {host, host.data()}; }
     static void sync(const std::string&) {}
     static py::object to_py(const Array& a) { return a; }
 };
@@ -130,6 +135,17 @@ __global__ void uninitialised_shared_kernel(float* out) {
 PYBIND11_MODULE(_cuda_emu, m) {
     m.doc() = "numformer's CUDA kernels run on the CPU by the emulator in csrc/cuda/emu (for tests).";
     ops::register_ops<EmuPolicy>(m);
+    // The emulator's "device" is host memory: to_device is a copy, as in
+    // numformer._cuda (float32, or uint8 for masks), so code written against
+    // one module runs against the other (numformer.cuda_model).
+    m.def("to_device", [](const py::array& a) -> py::object {
+        const char kind = a.dtype().kind();
+        const py::module_ np = py::module_::import("numpy");
+        if (kind == 'f' && a.itemsize() == 4) return np.attr("array")(a, "float32", py::arg("order") = "C");
+        if (kind == 'b' || (kind == 'u' && a.itemsize() == 1)) return np.attr("array")(a, "uint8", py::arg("order") = "C");
+        throw py::type_error("to_device: dtype " + py::str(a.dtype()).cast<std::string>() +
+                             " is not supported; use float32 (or bool/uint8 for masks)");
+    }, py::arg("a"), "A C-contiguous copy (float32, or uint8 for bool/uint8 masks).");
 
     m.def("_selftest_tree_sum", [](py::array_t<float, py::array::c_style | py::array::forcecast> x, int threads) {
         if (x.ndim() != 2 || x.shape(1) > threads) throw py::value_error("x must be (blocks, n <= threads)");

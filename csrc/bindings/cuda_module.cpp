@@ -157,6 +157,20 @@ struct CudaPolicy {
         r.data = static_cast<const std::uint8_t*>(r.hold.ptr());
         return r;
     }
+    // Token ids, checked on the host (cudaops::checked_ids), copied to the
+    // device; the int32 values travel in a uint8 allocation of 4 bytes each.
+    struct Ids {
+        DeviceArray hold;
+        const std::int32_t* data = nullptr;
+    };
+    static Ids ids(const py::array_t<std::int32_t>& host) {
+        Ids r;
+        const std::size_t n = std::size_t(host.size()) * sizeof(std::int32_t);
+        r.hold = DeviceArray(Shape{index_t(n)}, DType::u8);
+        if (n) check(cudaMemcpy(r.hold.ptr(), host.data(), n, cudaMemcpyHostToDevice), "ids to device");
+        r.data = static_cast<const std::int32_t*>(r.hold.ptr());
+        return r;
+    }
     // Wait for the kernels and report any error they raised.
     static void sync(const std::string& fn) {
         check(g_synchronous ? cudaDeviceSynchronize() : cudaGetLastError(), fn);

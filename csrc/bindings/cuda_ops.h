@@ -78,6 +78,32 @@ inline nc::SoftmaxMask softmax_mask(const Shape& x, const Shape& mk, const float
     return r;
 }
 
+// Token ids (B, T) from a host integer array, as int32, each checked against
+// [0, vocab) here on the host: an id out of range would make the embedding
+// kernel read outside wte. The error names the first bad position.
+inline py::array_t<std::int32_t> checked_ids(const py::object& obj, const std::string& fn, index_t vocab) {
+    if (!py::isinstance<py::array>(obj))
+        throw py::type_error(fn + ": ids must be a numpy integer array (B, T), got " +
+                             py::str(py::type::of(obj).attr("__name__")).cast<std::string>());
+    const py::array a = py::reinterpret_borrow<py::array>(obj);
+    const char kind = a.dtype().kind();
+    if (kind != 'i' && kind != 'u')
+        throw py::type_error(fn + ": ids has dtype " + py::str(a.dtype()).cast<std::string>() + "; expected integers");
+    if (a.ndim() != 2) value_error(fn, "ids must be (B, T), got " + std::to_string(a.ndim()) + "-D");
+    // uint64 ids above 2^63 wrap to negative int64 here and fail the range check.
+    const auto wide = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+    py::array_t<std::int32_t> ids({a.shape(0), a.shape(1)});
+    const std::int64_t* src = wide.data();
+    std::int32_t* dst = ids.mutable_data();
+    for (py::ssize_t i = 0; i < wide.size(); ++i) {
+        if (src[i] < 0 || src[i] >= vocab)
+            value_error(fn, "token id " + std::to_string(src[i]) + " at position (" + std::to_string(i / a.shape(1)) +
+                                ", " + std::to_string(i % a.shape(1)) + ") is outside [0, " + std::to_string(vocab) + ")");
+        dst[i] = std::int32_t(src[i]);
+    }
+    return ids;
+}
+
 template <class Policy>
 void register_ops(py::module_& m) {
     using Array = typename Policy::Array;
@@ -292,6 +318,122 @@ lse = -inf.)doc");
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::kw_only(),
         py::arg("causal") = false, py::arg("key_mask") = py::none(), py::arg("scale") = py::none(),
         "Flash attention backward: returns (dq, dk, dv).");
+
+    // ---- the other layers of a GPT-2 forward (layers.cu) ---------------------
+    m.def(
+        "embedding_forward",
+        [](const py::object& ids_obj, const py::object& wte_obj, const py::object& wpe_obj, index_t pos0) {
+            const std::string fn = "embedding_forward";
+            Array wte = Policy::f32(wte_obj, fn, "wte"), wpe = Policy::f32(wpe_obj, fn, "wpe");
+            const Shape se = Policy::shape(wte), sp = Policy::shape(wpe);
+            if (se.size() != 2 || sp.size() != 2 || se[1] != sp[1])
+                value_error(fn, "wte (V, C) and wpe (P, C) must be 2-D with equal C, got wte " + shape_str(se) +
+                                    ", wpe " + shape_str(sp));
+            const py::array_t<std::int32_t> host_ids = checked_ids(ids_obj, fn, se[0]);
+            const index_t B = host_ids.shape(0), T = host_ids.shape(1);
+            if (pos0 < 0 || pos0 + T > sp[0])
+                value_error(fn, "positions " + std::to_string(pos0) + ".." + std::to_string(pos0 + T - 1) +
+                                    " are outside the " + std::to_string(sp[0]) + " rows of wpe");
+            auto ids = Policy::ids(host_ids);
+            Array x = Policy::empty(Shape{B * T, se[1]});
+            {
+                py::gil_scoped_release nogil;
+                nc::embedding_forward(ids.data, Policy::cdata(wte), Policy::cdata(wpe), Policy::data(x), B * T,
+                                      to_int(T, fn, "T"), to_int(se[1], fn, "C"), int(pos0));
+                Policy::sync(fn);
+            }
+            return Policy::to_py(x);
+        },
+        py::arg("ids"), py::arg("wte"), py::arg("wpe"), py::arg("pos0") = 0,
+        "ids (B, T) host integers -> x (B*T, C) = wte[ids] + wpe[pos0 + t].");
+
+    m.def(
+        "layernorm_forward",
+        [](const py::object& x_obj, const py::object& g_obj, const py::object& b_obj, double eps) {
+            const std::string fn = "layernorm_forward";
+            Array x = Policy::f32(x_obj, fn, "x"), g = Policy::f32(g_obj, fn, "gamma"), b = Policy::f32(b_obj, fn, "beta");
+            const Shape sx = Policy::shape(x);
+            if (sx.empty()) value_error(fn, "x must have at least one axis");
+            const Shape sc{sx.back()};
+            if (Policy::shape(g) != sc || Policy::shape(b) != sc)
+                value_error(fn, "gamma " + shape_str(Policy::shape(g)) + " and beta " + shape_str(Policy::shape(b)) +
+                                    " must be " + shape_str(sc) + " for x " + shape_str(sx));
+            if (!(eps > 0.0) || !std::isfinite(eps)) value_error(fn, "eps must be a positive finite number");
+            const index_t C = sx.back(), rows = C ? numel(sx) / C : 0;
+            Array y = Policy::empty(sx);
+            {
+                py::gil_scoped_release nogil;
+                nc::layernorm_forward(Policy::cdata(x), Policy::cdata(g), Policy::cdata(b), Policy::data(y), rows,
+                                      to_int(C, fn, "C"), float(eps));
+                Policy::sync(fn);
+            }
+            return Policy::to_py(y);
+        },
+        py::arg("x"), py::arg("gamma"), py::arg("beta"), py::arg("eps") = 1e-5,
+        "LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * gamma + beta.");
+
+    m.def(
+        "gelu_tanh_forward",
+        [](const py::object& x_obj) {
+            const std::string fn = "gelu_tanh_forward";
+            Array x = Policy::f32(x_obj, fn, "x");
+            const Shape sx = Policy::shape(x);
+            Array y = Policy::empty(sx);
+            {
+                py::gil_scoped_release nogil;
+                nc::gelu_tanh_forward(Policy::cdata(x), Policy::data(y), numel(sx));
+                Policy::sync(fn);
+            }
+            return Policy::to_py(y);
+        },
+        py::arg("x"), "GELU, tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).");
+
+    m.def(
+        "split_heads",
+        [](const py::object& qkv_obj, index_t batch, index_t heads) {
+            const std::string fn = "split_heads";
+            Array qkv = Policy::f32(qkv_obj, fn, "qkv");
+            const Shape s = Policy::shape(qkv);
+            if (s.size() != 2) value_error(fn, "qkv must be 2-D (B*T, 3C), got " + shape_str(s));
+            if (batch < 1 || s[0] % batch != 0)
+                value_error(fn, "batch = " + std::to_string(batch) + " does not divide the " + std::to_string(s[0]) +
+                                    " rows of qkv");
+            if (heads < 1 || s[1] % (3 * heads) != 0)
+                value_error(fn, "qkv has " + std::to_string(s[1]) + " columns; expected 3 * heads * D with heads = " +
+                                    std::to_string(heads));
+            to_int(s[1], fn, "3C");
+            const index_t T = s[0] / batch, D = s[1] / (3 * heads);
+            const Shape sh{batch, heads, T, D};
+            Array q = Policy::empty(sh), k = Policy::empty(sh), v = Policy::empty(sh);
+            {
+                py::gil_scoped_release nogil;
+                nc::split_heads(Policy::cdata(qkv), Policy::data(q), Policy::data(k), Policy::data(v),
+                                to_int(batch, fn, "B"), to_int(T, fn, "T"), to_int(heads, fn, "H"), to_int(D, fn, "D"));
+                Policy::sync(fn);
+            }
+            return py::make_tuple(Policy::to_py(q), Policy::to_py(k), Policy::to_py(v));
+        },
+        py::arg("qkv"), py::arg("batch"), py::arg("heads"),
+        "qkv (B*T, 3*H*D) -> q, k, v (B, H, T, D).");
+
+    m.def(
+        "merge_heads",
+        [](const py::object& o_obj) {
+            const std::string fn = "merge_heads";
+            Array o = Policy::f32(o_obj, fn, "o");
+            const Shape s = Policy::shape(o);
+            if (s.size() != 4) value_error(fn, "o must be 4-D (B, H, T, D), got " + shape_str(s));
+            to_int(s[1] * s[3], fn, "C");
+            Array y = Policy::empty(Shape{s[0] * s[2], s[1] * s[3]});
+            {
+                py::gil_scoped_release nogil;
+                nc::merge_heads(Policy::cdata(o), Policy::data(y), to_int(s[0], fn, "B"), to_int(s[2], fn, "T"),
+                                to_int(s[1], fn, "H"), to_int(s[3], fn, "D"));
+                Policy::sync(fn);
+            }
+            return Policy::to_py(y);
+        },
+        py::arg("o"), "o (B, H, T, D) -> (B*T, H*D).");
 }
 
 }  // namespace numformer::bindings::cudaops

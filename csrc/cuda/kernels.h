@@ -65,6 +65,20 @@ void attention_forward(const AttentionArgs& p, float* out, float* lse);
 void attention_backward(const AttentionArgs& p, const float* out, const float* dout, const float* lse,
                         float* dq, float* dk, float* dv, float* scratch);
 
+// ---- the other layers of a GPT-2 forward (layers.cu) -------------------------
+// Rows r = b·T + t. ids: (rows,) in [0, V) — the bindings check the range.
+// x = wte[ids] + wpe[pos0 + r mod T]: (rows, C).
+void embedding_forward(const std::int32_t* ids, const float* wte, const float* wpe, float* x, index_t rows, int T,
+                       int C, int pos0);
+// y = LayerNorm(x) over rows of C: (x − μ)/√(σ² + eps) · gamma + beta.
+void layernorm_forward(const float* x, const float* gamma, const float* beta, float* y, index_t rows, int C,
+                       float eps);
+// y = ½ x (1 + tanh(√(2/π)(x + 0.044715 x³))), n elements.
+void gelu_tanh_forward(const float* x, float* y, index_t n);
+// qkv (B·T, 3·H·D) → q, k, v (B, H, T, D); and back: o (B, H, T, D) → y (B·T, H·D).
+void split_heads(const float* qkv, float* q, float* k, float* v, int B, int T, int H, int D);
+void merge_heads(const float* o, float* y, int B, int T, int H, int D);
+
 // ---- ceilings ---------------------------------------------------------------
 // A pure-FMA kernel over `blocks` blocks of 256 threads writing out[blocks·256];
 // returns the FLOPs it performs (the caller times it).

@@ -19,7 +19,8 @@ unavailable is an error, because the user asked for something we cannot give.
 float32 arrays run on the GPU through ``numformer._cuda`` — each call copies
 its NumPy inputs to the device and the result back, so it pays off for large
 operations; code that keeps data on the device uses ``numformer._cuda``'s
-``DeviceArray`` directly. Everything else (float64, the fused LayerNorm/GELU/…
+``DeviceArray`` directly (as :class:`numformer.cuda_model.DeviceGPT2` does
+for a whole GPT-2 forward). Everything else (float64, the fused LayerNorm/GELU/…
 kernels) runs on ``numformer._cpu`` when it is available, else NumPy.
 """
 
