@@ -178,3 +178,8 @@ def test_device_gpt2_forward_matches_the_cpu_model():
     with backend.use("numpy"):
         want = model.forward(ids)[0]
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    cache = dm.new_cache(2, 64)                     # the same logits through the device KV cache
+    head, tail = dm.forward(ids[:, :60], cache), dm.forward(ids[:, 60:], cache, last_only=True)
+    np.testing.assert_allclose(head, got[:, :60], rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(tail[:, 0], got[:, -1], rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert dm.generate(ids[:, :8], 4, temperature=0).shape == (2, 4)

@@ -293,6 +293,33 @@ scale defaults to 1/sqrt(D). A query that sees no key gets out = 0 and
 lse = -inf.)doc");
 
     m.def(
+        "attention_forward_cached",
+        [parse](const py::object& q, const py::object& k_cache, const py::object& v_cache, index_t length, bool causal,
+                const py::object& scale) {
+            const std::string fn = "attention_forward_cached";
+            Parsed r = parse(fn, q, k_cache, v_cache, causal, py::none(), scale);
+            const Shape sq = Policy::shape(r.q), sk = Policy::shape(r.k);
+            if (length < 1 || length > sk[2])
+                value_error(fn, "length = " + std::to_string(length) + " is outside 1.." + std::to_string(sk[2]) +
+                                    " (the cache's positions)");
+            r.p.tk = int(length);
+            r.p.kv_head_stride = sk[2] * sk[3];
+            Array out = Policy::empty(sq), lse = Policy::empty(Shape{sq[0], sq[1], sq[2]});
+            {
+                py::gil_scoped_release nogil;
+                nc::attention_forward(r.p, Policy::data(out), Policy::data(lse));
+                Policy::sync(fn);
+            }
+            return py::make_tuple(Policy::to_py(out), Policy::to_py(lse));
+        },
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("length"), py::kw_only(),
+        py::arg("causal") = true, py::arg("scale") = py::none(),
+        R"doc(Attention forward over the first `length` positions of a KV cache: (out, lse).
+
+q: (B, H, Tq, D); k_cache, v_cache: (B, H, Tmax, D), read in place (no
+copy of the prefix). causal: query i sees key j iff j <= i + length - Tq.)doc");
+
+    m.def(
         "attention_backward",
         [parse](const py::object& dout_obj, const py::object& q, const py::object& k, const py::object& v,
                 const py::object& out_obj, const py::object& lse_obj, bool causal, const py::object& key_mask,
@@ -415,6 +442,41 @@ lse = -inf.)doc");
         },
         py::arg("qkv"), py::arg("batch"), py::arg("heads"),
         "qkv (B*T, 3*H*D) -> q, k, v (B, H, T, D).");
+
+    m.def(
+        "split_heads_to_cache",
+        [](const py::object& qkv_obj, index_t batch, const py::object& k_obj, const py::object& v_obj, index_t pos0) {
+            const std::string fn = "split_heads_to_cache";
+            Array qkv = Policy::f32(qkv_obj, fn, "qkv");
+            Array kc = Policy::f32(k_obj, fn, "k_cache", true), vc = Policy::f32(v_obj, fn, "v_cache", true);
+            const Shape s = Policy::shape(qkv), sc = Policy::shape(kc);
+            if (s.size() != 2) value_error(fn, "qkv must be 2-D (B*T, 3C), got " + shape_str(s));
+            if (sc.size() != 4 || Policy::shape(vc) != sc)
+                value_error(fn, "k_cache and v_cache must be equal 4-D (B, H, Tmax, D), got " + shape_str(sc) + " and " +
+                                    shape_str(Policy::shape(vc)));
+            if (Policy::overlaps(kc, vc) || Policy::overlaps(kc, qkv) || Policy::overlaps(vc, qkv))
+                value_error(fn, "k_cache, v_cache and qkv must not overlap");
+            const index_t H = sc[1], D = sc[3];
+            if (batch != sc[0] || s[0] % batch != 0 || s[1] != 3 * H * D)
+                value_error(fn, "qkv " + shape_str(s) + " does not fit caches " + shape_str(sc) + " with batch = " +
+                                    std::to_string(batch) + " (expected (batch*T, 3*H*D))");
+            const index_t T = s[0] / batch;
+            if (pos0 < 0 || pos0 + T > sc[2])
+                value_error(fn, "positions " + std::to_string(pos0) + ".." + std::to_string(pos0 + T - 1) +
+                                    " are outside the cache's " + std::to_string(sc[2]));
+            to_int(s[1], fn, "3C");
+            Array q = Policy::empty(Shape{batch, H, T, D});
+            {
+                py::gil_scoped_release nogil;
+                nc::split_heads_to_cache(Policy::cdata(qkv), Policy::data(q), Policy::data(kc), Policy::data(vc),
+                                         to_int(batch, fn, "B"), to_int(T, fn, "T"), to_int(H, fn, "H"),
+                                         to_int(D, fn, "D"), to_int(sc[2], fn, "Tmax"), int(pos0));
+                Policy::sync(fn);
+            }
+            return Policy::to_py(q);
+        },
+        py::arg("qkv"), py::arg("batch"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos0"),
+        "qkv (B*T, 3*H*D) -> q (B, H, T, D); k and v are written into the caches (B, H, Tmax, D) at pos0.");
 
     m.def(
         "merge_heads",

@@ -62,6 +62,11 @@ constexpr int kRowsPerWarp = BR / kWarps;  // 8 (also keys per warp in the dK/dV
 constexpr int kThreads = 32 * kWarps;
 constexpr int TS = 33;             // padded stride of transposed tiles
 
+// Offset of head bh's K (and V) rows: dense, or a KV cache's stride (kernels.h).
+__device__ __forceinline__ index_t kv_head(const AttentionArgs& p, int bh) {
+    return index_t(bh) * (p.kv_head_stride != 0 ? p.kv_head_stride : index_t(p.tk) * p.dim);
+}
+
 struct Visibility {
     const std::uint8_t* key_mask;  // this batch row's (Tk,) mask, or null
     int tq, tk;
@@ -125,8 +130,8 @@ attention_forward_kernel(AttentionArgs p, float* __restrict__ out, float* __rest
     const int q0 = blockIdx.x * BR;
     const int D = p.dim;
     const float* Q = p.q + index_t(bh) * p.tq * D;
-    const float* K = p.k + index_t(bh) * p.tk * D;
-    const float* V = p.v + index_t(bh) * p.tk * D;
+    const float* K = p.k + kv_head(p, bh);
+    const float* V = p.v + kv_head(p, bh);
     const Visibility vis{p.key_mask ? p.key_mask + index_t(b) * p.tk : nullptr, p.tq, p.tk, p.causal};
 
     stage_rows<DP>(Qs, false, Q, q0, p.tq, D, p.scale);  // fold the scale into Q once
@@ -244,8 +249,8 @@ attention_dkdv_kernel(AttentionArgs p, const float* __restrict__ dout, const flo
     const float* Dv = dvec + index_t(bh) * p.tq;
     const Visibility vis{p.key_mask ? p.key_mask + index_t(b) * p.tk : nullptr, p.tq, p.tk, p.causal};
 
-    stage_rows<DP>(Ks, false, p.k + index_t(bh) * p.tk * D, k0, p.tk, D, 1.0f);
-    stage_rows<DP>(Vs, false, p.v + index_t(bh) * p.tk * D, k0, p.tk, D, 1.0f);
+    stage_rows<DP>(Ks, false, p.k + kv_head(p, bh), k0, p.tk, D, 1.0f);
+    stage_rows<DP>(Vs, false, p.v + kv_head(p, bh), k0, p.tk, D, 1.0f);
 
     float acc_dk[kRowsPerWarp][NDV], acc_dv[kRowsPerWarp][NDV];
     for (int r = 0; r < kRowsPerWarp; ++r)
@@ -338,8 +343,8 @@ attention_dq_kernel(AttentionArgs p, const float* __restrict__ dout, const float
     const int bh = blockIdx.y, b = bh / p.heads;
     const int q0 = blockIdx.x * BR;
     const int D = p.dim;
-    const float* K = p.k + index_t(bh) * p.tk * D;
-    const float* V = p.v + index_t(bh) * p.tk * D;
+    const float* K = p.k + kv_head(p, bh);
+    const float* V = p.v + kv_head(p, bh);
     const Visibility vis{p.key_mask ? p.key_mask + index_t(b) * p.tk : nullptr, p.tq, p.tk, p.causal};
 
     stage_rows<DP>(Qs, false, p.q + index_t(bh) * p.tq * D, q0, p.tq, D, p.scale);

@@ -56,6 +56,10 @@ struct AttentionArgs {
     const float* q = nullptr;
     const float* k = nullptr;
     const float* v = nullptr;
+    // Elements from one (b, h) of K and V to the next: 0 means Tk·D (dense).
+    // A KV cache (B, H, Tmax, D) read up to Tk = its length has Tmax·D.
+    // (Forward only: the backward writes dense dK, dV.)
+    index_t kv_head_stride = 0;
 };
 constexpr int kAttentionMaxDim = 128;
 // out: (B, H, Tq, D); lse: (B, H, Tq) log-sum-exp of each score row (−inf
@@ -77,6 +81,9 @@ void layernorm_forward(const float* x, const float* gamma, const float* beta, fl
 void gelu_tanh_forward(const float* x, float* y, index_t n);
 // qkv (B·T, 3·H·D) → q, k, v (B, H, T, D); and back: o (B, H, T, D) → y (B·T, H·D).
 void split_heads(const float* qkv, float* q, float* k, float* v, int B, int T, int H, int D);
+// The same, with k and v written into caches (B, H, cache_len, D) at positions pos0 … pos0 + T − 1.
+void split_heads_to_cache(const float* qkv, float* q, float* k_cache, float* v_cache, int B, int T, int H, int D,
+                          int cache_len, int pos0);
 void merge_heads(const float* o, float* y, int B, int T, int H, int D);
 
 // ---- ceilings ---------------------------------------------------------------

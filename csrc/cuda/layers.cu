@@ -11,6 +11,7 @@
 //   split      qkv (B·T, 3C) → q, k, v (B, H, T, D):  q[b,h,t,d] = qkv[b·T + t, h·D + d],
 //              k and v the same from columns C + … and 2C + …
 //   merge      o (B, H, T, D) → y (B·T, C):  y[b·T + t, h·D + d] = o[b,h,t,d]
+//   append     the split with k, v written into a KV cache (B, H, Tmax, D) at rows pos0 + t
 //
 // The element-wise kernels use a grid-stride loop over the elements of
 // their output (consecutive threads, consecutive addresses: coalesced).
@@ -75,7 +76,10 @@ __global__ void gelu_tanh_kernel(const float* x, float* y, index_t n) {
     }
 }
 
-__global__ void split_heads_kernel(const float* qkv, float* q, float* k, float* v, int B, int T, int H, int D) {
+// k and v go to rows pos0 + t of (B, H, kv_len, D) arrays: kv_len = T and
+// pos0 = 0 for a plain split, a cache's length and fill for an append.
+__global__ void split_heads_kernel(const float* qkv, float* q, float* k, float* v, int B, int T, int H, int D,
+                                   int kv_len, int pos0) {
     const int C = H * D;
     const index_t n = index_t(B) * T * 3 * C;
     for (index_t i = index_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += index_t(gridDim.x) * blockDim.x) {
@@ -83,8 +87,10 @@ __global__ void split_heads_kernel(const float* qkv, float* q, float* k, float* 
         const int j = int(i - r * 3 * C);      // column: which·C + h·D + d
         const int which = j / C, h = (j % C) / D, d = j % D;
         const index_t b = r / T, t = r % T;
-        float* dst = which == 0 ? q : (which == 1 ? k : v);
-        dst[((b * H + h) * T + t) * D + d] = qkv[i];
+        if (which == 0)
+            q[((b * H + h) * T + t) * D + d] = qkv[i];
+        else
+            (which == 1 ? k : v)[((b * H + h) * kv_len + pos0 + t) * D + d] = qkv[i];
     }
 }
 
@@ -125,7 +131,15 @@ void split_heads(const float* qkv, float* q, float* k, float* v, int B, int T, i
     const index_t n = index_t(B) * T * 3 * H * D;
     if (n == 0) return;
     launch("split_heads", split_heads_kernel, dim3(elementwise_blocks(n)), dim3(kThreads), 0, nullptr, qkv, q, k, v,
-           B, T, H, D);
+           B, T, H, D, T, 0);
+}
+
+void split_heads_to_cache(const float* qkv, float* q, float* k_cache, float* v_cache, int B, int T, int H, int D,
+                          int cache_len, int pos0) {
+    const index_t n = index_t(B) * T * 3 * H * D;
+    if (n == 0) return;
+    launch("split_heads_to_cache", split_heads_kernel, dim3(elementwise_blocks(n)), dim3(kThreads), 0, nullptr, qkv,
+           q, k_cache, v_cache, B, T, H, D, cache_len, pos0);
 }
 
 void merge_heads(const float* o, float* y, int B, int T, int H, int D) {
