@@ -50,7 +50,7 @@ ISAS = _cpu.available_isas()
 DTYPES = [np.float32, np.float64]
 # Sizes that stress the blocking: 0, 1, primes, register-tile edges of every
 # variant (MR = 4/6/12 → 11/12/13, 23/24/25; NR = 8/16/32 → 15/16/17, 31/32/33,
-# 63/64/65) and the few-rows cut-off (4/5). Cache-block edges (KC, NC = 384,
+# 63/64/65) and the few-rows cut-off (_cpu.gemm_stream_rows = 16: 15/16/17). Cache-block edges (KC, NC = 384,
 # MC = 3072, …) are too large for random draws: test_matmul_block_edges.
 EDGE_SIZES = [0, 1, 2, 3, 4, 5, 7, 11, 12, 13, 15, 16, 17, 23, 24, 25, 31, 32, 33, 63, 64, 65, 97, 127,
               128, 129]
@@ -260,12 +260,12 @@ def test_matmul_propagates_nan_and_inf():
     assert np.array_equal(np.isposinf(got), np.isposinf(expected))
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8, 9])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8, 9, 15, 16, 17])
 @pytest.mark.parametrize("n", [1, 17, 513, 2304, 8197, 20011])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("k", [37, 300])
 def test_few_rows_wide_tasks(m, n, threads, k):
-    """M ≤ 8 streams B (K×N) in tasks of 128-row depth chunks × up to 8192
+    """M ≤ _cpu.gemm_stream_rows (16) streams B (K×N) in tasks of 128-row depth chunks × up to 8192
     columns: odd widths, more columns than one task holds, several chunks
     and a partial one, and any thread count agree with NumPy; bias and
     accumulate take the same path. (k = 37 = 8 + 8 + 8 + 8 + 4 + 1: every
@@ -287,12 +287,12 @@ def test_few_rows_wide_tasks(m, n, threads, k):
 @pytest.mark.parametrize("trans_a", [False, True])
 def test_few_rows_depth_chunks_are_deterministic_and_row_independent(trans_a):
     """The partial sums of the depth chunks are added in chunk order: the same
-    bits for any thread count, and every row of an M ≤ 8 product is bitwise
+    bits for any thread count, and every row of a streamed product is bitwise
     the product of that row alone (a prompt's tokens do not depend on what
     else is in the decoding batch)."""
     rng = np.random.default_rng(5)
-    k, n = 1000, 777
-    a = rng.standard_normal((8, k)).astype(np.float32)
+    k, n, rows = 1000, 777, _cpu.gemm_stream_rows
+    a = rng.standard_normal((rows, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
     a_op = np.ascontiguousarray(a.T) if trans_a else a
     with using_threads(1):
@@ -300,21 +300,21 @@ def test_few_rows_depth_chunks_are_deterministic_and_row_independent(trans_a):
     for threads in (2, 3, 5):
         with using_threads(threads):
             assert np.array_equal(_cpu.matmul(a_op, b, trans_a=trans_a), one), threads
-    for i in range(8):
+    for i in range(rows):
         assert np.array_equal(_cpu.matmul(a[i:i + 1], b), one[i:i + 1]), i
     assert_within(one, a.astype(np.float64) @ b, matmul_tolerance(a, b, k, np.float32), "depth chunks")
 
 
 @pytest.mark.parametrize("k", [1, 15, 16, 17, 768, 1000])
 def test_few_rows_transposed_b_rows_equal_single_row_products(k):
-    """A·Bᵀ with M ≤ 8 takes four rows per read of a B row (the LM head while
+    """A·Bᵀ with M ≤ _cpu.gemm_stream_rows takes four rows per read of a B row (the LM head while
     decoding a batch); each row's sums keep the one-row order, so every row of
     the batched product is bitwise the product of that row alone."""
     rng = np.random.default_rng(k)
-    a = rng.standard_normal((8, k)).astype(np.float32)
+    a = rng.standard_normal((_cpu.gemm_stream_rows, k)).astype(np.float32)
     b = rng.standard_normal((1031, k)).astype(np.float32)     # (N, K), used as Bᵀ
     bias = rng.standard_normal(1031).astype(np.float32)
-    for m in range(1, 9):
+    for m in range(1, _cpu.gemm_stream_rows + 1):
         batched = _cpu.matmul(a[:m], b, trans_b=True, bias=bias)
         for i in range(m):
             assert np.array_equal(batched[i], _cpu.matmul(a[i:i + 1], b, trans_b=True, bias=bias)[0]), (m, i)

@@ -312,6 +312,7 @@ PYBIND11_MODULE(_cpu, m) {
         "dtypes raise TypeError, bad shapes or layouts raise ValueError. The GIL is\n"
         "released while a kernel runs. See docs/kernels.md.";
 
+    m.attr("gemm_stream_rows") = nc::kGemmStreamRows;  // products of <= this many rows stream B
     m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::arg("trans_a") = false,
           py::arg("trans_b") = false, py::kw_only(), py::arg("bias") = py::none(),
           py::arg("out") = py::none(), py::arg("accumulate") = false,

@@ -360,7 +360,7 @@ NF_INLINE void init_rows(T* c, index_t ldc, index_t m, index_t n, const T* bias,
 }
 
 // ---------------------------------------------------------------------------
-// Few rows (M ≤ kSmallM): row-vector products, B read in place
+// Few rows (M ≤ kSmallM = 16): row-vector products, B read in place
 // ---------------------------------------------------------------------------
 //
 // Sampling with a KV cache multiplies one token's row at a time (M = 1).
@@ -378,8 +378,12 @@ NF_INLINE void init_rows(T* c, index_t ldc, index_t m, index_t n, const T* bias,
 // chunk, added in chunk order, so the result does not depend on the thread
 // count. For B stored N×K a task is a block of kSmallCols columns of C.
 // M ≤ 8 covers batched generation (8 prompts): GPT-2 124M decoding at batch
-// 8 went from 75 to 106 tokens/s against the packed path (2 threads).
-constexpr index_t kSmallM = 8;
+// 8 went from 75 to 106 tokens/s against the packed path (2 threads). Up to
+// 16 rows it also beats packing for a short prompt's prefill (Zen 3, 2
+// threads, min of 7; this path / packed): at M = 16 the MLP's 768×3072
+// 1.45 / 1.88 ms, its 3072×768 0.87 / 1.58 ms, the LM head 22 / 26 ms; at
+// M = 24 packing wins (fc 1.5 against 2.1 ms, head 28 against 35 ms).
+constexpr index_t kSmallM = kGemmStreamRows;
 constexpr index_t kSmallCols = 512;    // columns per task when B is N×K (dot products)
 constexpr index_t kWideCols = 8192;    // at most, when B is K×N (streamed rows); see few_rows
 constexpr index_t kSmallDepth = 128;   // rows of B (K×N) per task

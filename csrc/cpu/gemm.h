@@ -26,6 +26,10 @@ struct GemmProblem {
     bool accumulate = false;
 };
 
+// Products of at most this many rows skip packing and stream B as stored
+// (gemm.cpp, "Few rows"); bindings expose it as _cpu.gemm_stream_rows.
+constexpr index_t kGemmStreamRows = 16;
+
 // C must not overlap A, B or bias (the bindings check this).
 template <typename T>
 void gemm(const GemmProblem<T>& problem);
