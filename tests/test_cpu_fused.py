@@ -43,7 +43,7 @@ from kernel_settings import using_isa, using_threads  # noqa: E402  (tests/kerne
 if not hasattr(_cpu, "layernorm_forward"):
     pytest.skip("numformer._cpu was built without the fused kernels", allow_module_level=True)
 
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from numformer import backend  # noqa: E402
@@ -80,6 +80,7 @@ def assert_within(actual, ref, bound, what=""):
 @given(rows=small, C=st.one_of(small, st.sampled_from([767, 768, 769, 1031])),
        lead=st.sampled_from([(), (1,), (2,), (2, 3)]), offset=st.sampled_from([0.0, 3.0, -50.0]),
        isa=isas, seed=st.integers(0, 2**31))
+@example(rows=1, C=767, lead=(), offset=-50.0, isa="generic", seed=2718)   # an x near its row's mean
 def test_layernorm_matches_reference(rows, C, lead, offset, isa, seed):
     rng = np.random.default_rng(seed)
     shape = lead + (rows, C) if lead else (rows, C)
@@ -104,9 +105,13 @@ def test_layernorm_matches_reference(rows, C, lead, offset, isa, seed):
     terms = rstd * (gg + gg.mean(-1, keepdims=True)
                     + np.abs(xhat) * (gg * np.abs(xhat)).mean(-1, keepdims=True))
     assert_within(dx, rdx, tol * (1 + terms), "dx")
-    # dγ, dβ sum over all rows: bound by the sum of the absolute terms.
+    # dγ = Σ_rows dout·x̂, dβ = Σ_rows dout: bound by the sum of the absolute
+    # terms. x̂'s error is absolute (~u·cond, from rounding x and μ), not
+    # relative to x̂: an x near the mean has a tiny x̂ with the same absolute
+    # error (found by hypothesis: C = 767, mean −50, x̂ = −0.0024).
     lead_axes = tuple(range(x.ndim - 1))
-    assert_within(dg, rdg, (tol * np.abs(d64 * xhat)).sum(lead_axes) + 1e-5 * (1 + np.abs(rdg)), "dgamma")
+    assert_within(dg, rdg, (tol * np.abs(d64) * (1 + np.abs(xhat))).sum(lead_axes) + 1e-5 * (1 + np.abs(rdg)),
+                  "dgamma")
     assert_within(db, rdb, 1e-5 * (1 + np.abs(d64).sum(lead_axes)), "dbeta")
 
 
