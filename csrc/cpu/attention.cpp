@@ -664,8 +664,7 @@ NF_INLINE void backward_task(const AttentionProblem<typename C::T>& P,
 // The tiled kernel puts queries on the vector lanes; with one query a vector
 // holds one useful lane and the rest is padding (a token of GPT-2 spent
 // 65 µs per layer there at 100 cached keys; see below for this path's
-// times). With few queries
-// the direct form is cheaper: for each query i of (b, h),
+// times). With few queries the direct form is cheaper: for each query i of (b, h),
 //   s_j = scale · q_i·k_j   for the visible keys j      (dot products along d)
 //   m = max_j s_j,  p_j = exp(s_j − m),  l = Σ_j p_j
 //   o_i = Σ_j p_j v_j / l,  L_i = m + log l               (axpy along d)
@@ -788,6 +787,28 @@ void decode_values_avx2(const float* p, const float* v, index_t vst, index_t D, 
 template <class C>
 constexpr bool kDecodeFast = C::VB >= 32 && std::is_same_v<typename C::T, float>;
 
+// The scores and values steps in the AVX2 forms when `Fast` and D allows,
+// else in the portable ones.
+template <typename T, bool Fast>
+NF_INLINE void decode_scores_for(const T* q, const T* k, index_t kst, index_t D, index_t lim, T* s) {
+#if NUMFORMER_X86_DISPATCH
+    if constexpr (Fast) {
+        if (D % 8 == 0) return decode_scores_avx2(q, k, kst, D, lim, s);
+    }
+#endif
+    decode_scores(q, k, kst, D, lim, s);
+}
+
+template <typename T, bool Fast>
+NF_INLINE void decode_values_for(const T* p, const T* v, index_t vst, index_t D, index_t lim, T inv, T* o) {
+#if NUMFORMER_X86_DISPATCH
+    if constexpr (Fast) {
+        if (D % 8 == 0) return decode_values_avx2(p, v, vst, D, lim, inv, o);
+    }
+#endif
+    decode_values(p, v, vst, D, lim, inv, o);
+}
+
 // Forward for a few queries (decoding with a KV cache: Tq = 1 per sequence)
 // — see the comment above kDecodeQueries. `Fast`: the AVX2 float forms.
 template <typename T, bool Fast>
@@ -799,17 +820,11 @@ NF_INLINE void decode_task(const AttentionProblem<T>& P, index_t bh, T* out, T* 
     const T* kh = P.k.head(b, h);
     const T* vh = P.v.head(b, h);
     const std::uint8_t* km = P.key_mask != nullptr ? P.key_mask + b * Tk : nullptr;
-    const bool fast = Fast && NUMFORMER_X86_DISPATCH && D % 8 == 0;
     for (index_t i = 0; i < Tq; ++i) {
         const T* NF_RESTRICT q = qh + i * P.q.st;
         T* NF_RESTRICT o = out + (bh * Tq + i) * D;
         const index_t lim = P.causal ? std::min<index_t>(Tk, i + off + 1) : Tk;  // keys [0, lim)
-#if NUMFORMER_X86_DISPATCH
-        if constexpr (Fast) {
-            if (fast) decode_scores_avx2(q, kh, P.k.st, D, lim, ws);
-        }
-#endif
-        if (!fast) decode_scores(q, kh, P.k.st, D, lim, ws);
+        decode_scores_for<T, Fast>(q, kh, P.k.st, D, lim, ws);
         T m = neg_inf;
         for (index_t j = 0; j < lim; ++j) {
             const bool visible = km == nullptr || km[j] != 0;
@@ -825,12 +840,7 @@ NF_INLINE void decode_task(const AttentionProblem<T>& P, index_t bh, T* out, T* 
         for (index_t j = 0; j < lim; ++j) ws[j] = vexp(ws[j] - m);  // hidden keys: exp(−inf) = 0
         const T l = sum_lanes(ws, lim);
         const T inv = T(1) / l;
-#if NUMFORMER_X86_DISPATCH
-        if constexpr (Fast) {
-            if (fast) decode_values_avx2(ws, vh, P.v.st, D, lim, inv, o);
-        }
-#endif
-        if (!fast) decode_values(ws, vh, P.v.st, D, lim, inv, o);
+        decode_values_for<T, Fast>(ws, vh, P.v.st, D, lim, inv, o);
         lse[bh * Tq + i] = m + std::log(l);
     }
 }
