@@ -11,7 +11,10 @@ the targets of docs/kernels.md:
   bytes read + written; softmax moves one read and one write per element);
 * attention forward faster than the composition cuBLAS Q·Kᵀ → softmax → P·V
   at T ≥ 1024 (ours composed from _cuda.matmul/_cuda.softmax_forward, and
-  torch's when installed; torch SDPA shown for reference).
+  torch's when installed; torch SDPA shown for reference);
+
+and a GPT-2 124M kept on the device (numformer.cuda_model.DeviceGPT2): a
+4×256 forward and greedy generation tokens/s at batch 1 and 8 (no target).
 
 Without a GPU (or without numformer._cuda) it prints why and exits 0.
 Timing: operations run asynchronously (``set_synchronous(False)``), a
@@ -64,6 +67,31 @@ def timed(fn, sync, reps=5, inner=None):
         sync()
         times.append((time.perf_counter() - t0) / inner)
     return statistics.median(times)
+
+
+def gpt2_rows(cu, args, reps):
+    """A GPT-2 kept on the device (numformer.cuda_model.DeviceGPT2): one
+    training-sized forward, and greedy generation at batch 1 and 8."""
+    from numformer.cuda_model import DeviceGPT2
+    from numformer.models.gpt2 import GPT2, GPT2Config
+
+    cfg = GPT2Config(vocab_size=61, n_positions=32, n_embd=32, n_layer=1, n_head=2) if args.smoke else GPT2Config()
+    dm = DeviceGPT2(GPT2.init(cfg, seed=0), device=cu)
+    rng = np.random.default_rng(0)
+    B, T = (1, 8) if args.smoke else (4, 256)
+    ids = rng.integers(0, cfg.vocab_size, (B, T))
+    fwd = timed(lambda: dm.forward(ids), cu.synchronize, reps)   # logits come back to the host: synchronous
+    rows = [dict(kernel="gpt2", what="forward", B=B, T=T, ms=fwd * 1e3,
+                 tokens_per_s=B * T / fwd)]
+    print(f"\nGPT-2 on the device ({'tiny' if args.smoke else '124M'}, random weights)")
+    print(f"  forward {B}×{T} (logits to the host)   {fwd * 1e3:8.2f} ms   {B * T / fwd:10.0f} tokens/s")
+    P, N = (4, 2) if args.smoke else (16, 32 if args.quick else 128)
+    for batch in ((1,) if args.smoke else (1, 8)):
+        prompts = rng.integers(0, cfg.vocab_size, (batch, P))
+        t = timed(lambda: dm.generate(prompts, N, temperature=0), cu.synchronize, max(1, reps // 3), inner=1)
+        rows.append(dict(kernel="gpt2", what="generate", B=batch, prompt=P, new=N, s=t, tokens_per_s=batch * N / t))
+        print(f"  generate batch {batch}, {P}-token prompt + {N} new   {t:8.3f} s    {batch * N / t:10.1f} tokens/s")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -173,6 +201,8 @@ def main(argv=None) -> int:
         print(f"  T={T:5d}                        {row['fwd_ms']:8.2f} {row['fwd_tflops']:8.2f}   "
               f"{row['composed_ms']:8.2f} / {row.get('torch_composed_ms', float('nan')):8.2f}      "
               f"{row.get('sdpa_ms', float('nan')):8.2f} {row['bwd_ms']:8.2f}")
+
+    rows.extend(gpt2_rows(cu, args, reps))
 
     cu.set_synchronous(True)
     if args.json:

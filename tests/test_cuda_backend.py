@@ -215,5 +215,5 @@ def test_emu_cuda_benchmark_script_runs_end_to_end(monkeypatch, capsys, tmp_path
     out = tmp_path / "rows.json"
     assert mod.main(["--smoke", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["kernel"] for r in rows} == {"copy", "fma_peak", "gemm", "softmax", "attention"}
+    assert {r["kernel"] for r in rows} == {"copy", "fma_peak", "gemm", "softmax", "attention", "gpt2"}
     assert "GEMM float32" in capsys.readouterr().out
