@@ -103,7 +103,7 @@ class DeviceGPT2:
             self._block(i, x, B, cache, pos0)
         if cache is not None:
             cache.length = pos0 + T
-        if last_only and T > 1:   # the head for the last position only: a copy of B rows of C
+        if last_only and T > 1:   # the head on the last rows only, picked on the host (x is B·T×C: small)
             last = np.asarray(x).reshape(B, T, -1)[:, -1]
             x, T = d.to_device(np.ascontiguousarray(last)), 1
         xf = d.layernorm_forward(x, w["ln_f.weight"], w["ln_f.bias"], self.cfg.layer_norm_epsilon)
