@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("hypothesis")
 emu = pytest.importorskip("numformer._cuda_emu", reason="numformer._cuda_emu (the CUDA emulator) is not built")
 
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from numformer import backend  # noqa: E402
@@ -25,14 +25,10 @@ from numformer.generate import generate_batch  # noqa: E402
 from numformer.models.gpt2 import GPT2, GPT2Config  # noqa: E402
 from numformer.ops import gelu, layernorm  # noqa: E402
 
-EPS = float(np.finfo(np.float32).eps)
+from test_cuda_emu import EPS, few  # noqa: E402  (the example caps of the kernel tests)
+
 # Row lengths around the 32-lane warp of the LayerNorm kernel.
 WIDTH = st.one_of(st.sampled_from([1, 31, 32, 33, 64, 65]), st.integers(1, 100))
-
-
-def few(n: int) -> settings:
-    """At most ``n`` examples (emulation is slow), fewer under the dev profile."""
-    return settings(max_examples=min(n, settings.default.max_examples), deadline=None)
 
 
 @few(30)

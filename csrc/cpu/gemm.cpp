@@ -50,7 +50,7 @@
 // do not depend on the thread count or on which driver (shared blocks, or
 // one whole product per thread for batches) ran them.
 //
-// Products with at most kSmallM rows (one token during sampling) skip packing
+// Products with at most kGemmStreamRows rows (gemm.h; one token during sampling) skip packing
 // and stream B as stored (compute_rows below).
 #include "cpu/gemm.h"
 
@@ -360,7 +360,7 @@ NF_INLINE void init_rows(T* c, index_t ldc, index_t m, index_t n, const T* bias,
 }
 
 // ---------------------------------------------------------------------------
-// Few rows (M ≤ kSmallM = 16): row-vector products, B read in place
+// Few rows (M ≤ kGemmStreamRows = 16): row-vector products, B read in place
 // ---------------------------------------------------------------------------
 //
 // Sampling with a KV cache multiplies one token's row at a time (M = 1).
@@ -383,7 +383,6 @@ NF_INLINE void init_rows(T* c, index_t ldc, index_t m, index_t n, const T* bias,
 // threads, min of 7; this path / packed): at M = 16 the MLP's 768×3072
 // 1.45 / 1.88 ms, its 3072×768 0.87 / 1.58 ms, the LM head 22 / 26 ms; at
 // M = 24 packing wins (fc 1.5 against 2.1 ms, head 28 against 35 ms).
-constexpr index_t kSmallM = kGemmStreamRows;
 constexpr index_t kSmallCols = 512;    // columns per task when B is N×K (dot products)
 constexpr index_t kWideCols = 8192;    // at most, when B is K×N (streamed rows); see few_rows
 constexpr index_t kSmallDepth = 128;   // rows of B (K×N) per task
@@ -893,7 +892,7 @@ void gemm(const GemmProblem<T>& pr) {
     if (pr.k <= 0) return empty_product(pr);
     const Kernel<T> kern = kernel_for(active_isa(), T{});
     const int max_threads = num_threads();
-    if (pr.m <= kSmallM) return few_rows(pr, kern, max_threads);
+    if (pr.m <= kGemmStreamRows) return few_rows(pr, kern, max_threads);
 
     const Blocking bk = blocking_for(pr, kern);
     const double flops = 2.0 * double(pr.batch) * double(pr.m) * double(pr.n) * double(pr.k);

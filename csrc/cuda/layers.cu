@@ -127,19 +127,17 @@ void gelu_tanh_forward(const float* x, float* y, index_t n) {
     launch("gelu_tanh_forward", gelu_tanh_kernel, dim3(elementwise_blocks(n)), dim3(kThreads), 0, nullptr, x, y, n);
 }
 
-void split_heads(const float* qkv, float* q, float* k, float* v, int B, int T, int H, int D) {
-    const index_t n = index_t(B) * T * 3 * H * D;
-    if (n == 0) return;
-    launch("split_heads", split_heads_kernel, dim3(elementwise_blocks(n)), dim3(kThreads), 0, nullptr, qkv, q, k, v,
-           B, T, H, D, T, 0);
-}
-
 void split_heads_to_cache(const float* qkv, float* q, float* k_cache, float* v_cache, int B, int T, int H, int D,
                           int cache_len, int pos0) {
     const index_t n = index_t(B) * T * 3 * H * D;
     if (n == 0) return;
     launch("split_heads_to_cache", split_heads_kernel, dim3(elementwise_blocks(n)), dim3(kThreads), 0, nullptr, qkv,
            q, k_cache, v_cache, B, T, H, D, cache_len, pos0);
+}
+
+// A plain split is the append to "caches" of exactly T rows, from row 0.
+void split_heads(const float* qkv, float* q, float* k, float* v, int B, int T, int H, int D) {
+    split_heads_to_cache(qkv, q, k, v, B, T, H, D, T, 0);
 }
 
 void merge_heads(const float* o, float* y, int B, int T, int H, int D) {

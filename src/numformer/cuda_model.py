@@ -60,7 +60,7 @@ class DeviceKVCache:
         cfg = model.cfg
         if not 1 <= max_len <= cfg.n_positions:
             raise ValueError(f"KV cache of {max_len} positions: expected 1..{cfg.n_positions} (the context)")
-        zeros = np.zeros((batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head), np.float32)
+        zeros = np.zeros((batch, cfg.n_head, max_len, cfg.head_dim), np.float32)
         self.k = [model.device.to_device(zeros) for _ in range(cfg.n_layer)]
         self.v = [model.device.to_device(zeros) for _ in range(cfg.n_layer)]
         self.batch, self.max_len, self.length = batch, max_len, 0
