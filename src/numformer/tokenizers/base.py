@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Iterable
+
+import numpy as np
 
 # The one special token. It separates documents in a training stream and is
 # what generation stops on. It is always the last id of a vocabulary.
@@ -50,19 +51,53 @@ def split_special(text: str, allowed_special: bool) -> list[str]:
 
 
 def as_id_list(ids: Iterable[int], vocab_size: int) -> list[int]:
-    """Turn ``ids`` (any iterable of ints, NumPy arrays included) into a list
-    of Python ints, raising ValueError if any id is outside the vocabulary."""
-    if hasattr(ids, "tolist"):  # NumPy array / scalar: one fast conversion
-        ids = ids.tolist()
-        if isinstance(ids, int):
-            ids = [ids]
-    out = [int(i) for i in ids]
+    """Turn ``ids`` into a list of Python ints, checking every one.
+
+    Accepted: an iterable of Python ints or NumPy integer scalars, a
+    one-dimensional NumPy integer array, or a single NumPy integer scalar.
+    Anything else is refused rather than truncated (``int(1.5)`` would
+    silently decode token 1): a float, bool, string or other non-integer
+    element raises TypeError naming the value and its position; an id
+    outside ``[0, vocab_size)`` raises ValueError naming it and its position.
+    """
+    if isinstance(ids, (np.ndarray, np.generic)):
+        arr = np.asarray(ids)
+        if arr.ndim > 1:
+            raise TypeError(f"token ids must be one-dimensional, got an array of shape {arr.shape}")
+        arr = arr.reshape(-1)
+        if arr.dtype.kind in "iu":                  # the fast path: a whole integer array at once
+            out = arr.tolist()
+        else:
+            out = _check_ints(arr.tolist())
+    elif isinstance(ids, (str, bytes, bytearray)):
+        raise TypeError(f"token ids must be a sequence of integers, got {type(ids).__name__} {ids!r:.60}")
+    else:
+        try:
+            items = list(ids)
+        except TypeError:
+            raise TypeError(f"token ids must be a sequence of integers, got {type(ids).__name__} "
+                            f"{ids!r:.60}") from None
+        out = _check_ints(items)
     if out:
         lo, hi = min(out), max(out)
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+            raise ValueError(f"token id {bad} at position {out.index(bad)} is outside the "
+                             f"vocabulary [0, {vocab_size})")
+    return out
+
+
+def _check_ints(items: list) -> list[int]:
+    """``items`` as Python ints; TypeError at the first element that is not an integer."""
+    out = []
+    for pos, i in enumerate(items):
+        if type(i) is int:                          # the common case, checked first
+            out.append(i)
+        elif isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)):
+            out.append(int(i))
+        else:
+            raise TypeError(f"token id {i!r} at position {pos} is not an integer "
+                            f"({type(i).__name__}); ids are never truncated or rounded")
     return out
 
 
@@ -81,27 +116,16 @@ class Tokenizer:
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as JSON, atomically.
 
-        The JSON goes to a temporary file in the same directory, is flushed
-        to disk, then ``os.replace``-d over ``path``: a crash mid-write leaves
-        either the old file or the new one, never half a file.
+        Goes through :func:`numformer.fileio.atomic_write_text`, the one
+        atomic-write path of the package: a temporary file in the same
+        directory, fsynced, given the permissions a plain ``open`` would
+        (0666 minus the umask, not ``mkstemp``'s 0600), then ``os.replace``-d
+        over ``path``. A crash mid-write leaves the old file or the new one.
         """
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
+        from numformer.fileio import atomic_write_text
+
         text = json.dumps(self.to_dict(), ensure_ascii=True, indent=None)
-        fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write_text(os.fspath(path), text + "\n")
 
     def __len__(self) -> int:
         return self.vocab_size  # type: ignore[attr-defined]

@@ -444,10 +444,11 @@ class GPT2Tokenizer(Tokenizer):
     # ------------------------------------------------------------------ decode
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         dec = self._decoder
-        parts = [dec[i] for i in as_id_list(ids, self.vocab_size)]
+        ids = as_id_list(ids, self.vocab_size)         # once: ``ids`` may be a one-shot iterator
+        parts = [dec[i] for i in ids]
         if None in parts:
-            bad = next(i for i in as_id_list(ids, self.vocab_size) if dec[i] is None)
-            raise ValueError(f"token id {bad} is not assigned in {self.source}")
+            pos = parts.index(None)
+            raise ValueError(f"token id {ids[pos]} at position {pos} is not assigned in {self.source}")
         return b"".join(parts)  # type: ignore[arg-type]
 
     def decode(self, ids: Iterable[int]) -> str:
