@@ -336,16 +336,10 @@ def _add_quantize(sub) -> None:
 
 
 def run_quantize(args) -> int:
-    from numformer.quantize import quantize_checkpoint
+    from numformer.quantize import format_summary, quantize_checkpoint
 
     info = quantize_checkpoint(args.checkpoint, args.out, int8_head=not args.float_head)
-    src = info["source_bytes"]
-    ratio = f" ({info['int8_bytes'] / src:.2f}x of {src / 1e6:.1f} MB)" if src else ""
-    head = (f"int8 head (max per-row error {info['head_max_rel_error']:.2e})" if info["int8_head"]
-            else "float32 head")
-    print(f"wrote {args.out}: {info['int8_bytes'] / 1e6:.1f} MB{ratio}; "
-          f"{info['quantized_params']:,} weights int8, {info['float_params']:,} float32, {head}; "
-          f"max per-channel error |w - q*s| / max|w| = {info['max_rel_error']:.2e}")
+    print(format_summary(info, args.out))       # measured weight and logits errors
     return 0
 
 
