@@ -539,6 +539,11 @@ def _add_serve(sub) -> None:
                         "$NUMFORMER_API_KEY is used when set)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences one batch gathers from waiting requests")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request body must arrive in full within this time after its headers (408 otherwise)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a request's headers must arrive within this time (from the connection's opening or "
+                        "the previous response); the connection is closed otherwise")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(run=run_serve)
 
@@ -557,6 +562,9 @@ def run_serve(args) -> int:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_batch < 1 or args.max_body_bytes < 1024:
         raise UserError("--max-batch must be >= 1 and --max-body-bytes >= 1024")
+    for flag, value in (("--body-timeout", args.body_timeout), ("--header-timeout", args.header_timeout)):
+        if not 0 < value < float("inf"):
+            raise UserError(f"{flag} must be a positive number of seconds, got {value}")
     api_key = args.api_key or os.environ.get("NUMFORMER_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"numformer serve: warning: listening on {args.host} without an API key; anyone who can "
@@ -567,7 +575,9 @@ def run_serve(args) -> int:
           f"on http://{args.host}:{args.port}{route}", file=sys.stderr)
     try:
         serve_forever(served, args.host, args.port, log_level=args.log_level, api_key=api_key,
-                      max_batch_rows=args.max_batch, limits=Limits(max_body_bytes=args.max_body_bytes))
+                      max_batch_rows=args.max_batch,
+                      limits=Limits(max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
+                                    header_timeout=args.header_timeout))
     except KeyboardInterrupt:          # uvicorn shut down cleanly, then re-raised Ctrl-C: the normal way to stop
         pass
     print("numformer serve: stopped", file=sys.stderr)

@@ -10,6 +10,12 @@ Handlers only parse, check and wait: tokenizing runs in Starlette's thread
 pool, model work on the engine's thread (:mod:`numformer.serve.engine`).
 Every error a client can cause is a 4xx with an OpenAI error object; an
 unexpected failure is a 500 with one, and the server goes on serving.
+
+An unexpected exception must not escape the app: Starlette's outermost
+middleware would send the 500 and then re-raise, and uvicorn closes the
+connection of a response that has started, so the client's next request on
+that keep-alive connection meets a reset. :class:`_CatchAll` answers the 500
+itself (and logs the traceback) and leaves the connection usable.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -41,8 +48,17 @@ log = logging.getLogger("numformer.serve")
 # ----------------------------------------------------------------------------- request plumbing
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object, refusing more than ``limit`` bytes before reading them all (413)."""
+async def read_json(request: Request, limits: Limits) -> dict:
+    """The body as a JSON object.
+
+    Refuses a declared media type other than JSON (415), more than
+    ``limits.max_body_bytes`` bytes before reading them all (413), and a body
+    that has not arrived in full ``limits.body_timeout`` seconds after the
+    headers (408, and the connection is closed: the rest of that body
+    would otherwise be read as the next request).
+    """
+    _check_content_type(request.headers.get("content-type"))
+    limit = limits.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -51,13 +67,32 @@ async def read_json(request: Request, limit: int) -> dict:
             raise _too_large(int(declared), limit)
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise _too_large(len(body), limit)
+        async with asyncio.timeout(limits.body_timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise _too_large(len(body), limit)
     except ClientDisconnect:
         raise invalid("the client disconnected before sending the whole body") from None
+    except TimeoutError:
+        got = f" of the {declared} declared" if declared is not None else ""
+        raise APIError(f"the request body did not arrive within {limits.body_timeout:g} s (received {len(body)} "
+                       f"bytes{got}); the connection is closed", status=408, code="request_timeout",
+                       headers={"Connection": "close"}) from None
     return parse_json(bytes(body))
+
+
+def _check_content_type(value: str | None) -> None:
+    """No Content-Type, or JSON (``application/json``, ``application/*+json``) in UTF-8; else 415."""
+    if value is None:
+        return
+    media, *params = [part.strip().lower() for part in value.split(";")]
+    charset = next((p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")), "utf-8")
+    if (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))) \
+            and charset in ("utf-8", "utf8"):
+        return
+    raise APIError(f"the request body must be JSON in UTF-8 (Content-Type: application/json), got "
+                   f"Content-Type {value[:80]!r}", status=415, code="unsupported_media_type")
 
 
 def _too_large(size: int, limit: int) -> APIError:
@@ -106,8 +141,23 @@ def _submit(request: Request, kind: str, **work) -> tuple[Job, _Events]:
     return job, events
 
 
-def _json(payload: dict, status: int = 200) -> Response:
-    return Response(json.dumps(payload, ensure_ascii=False), status_code=status, media_type="application/json")
+def _dumps(payload) -> str:
+    """JSON text that is always valid UTF-8.
+
+    Non-ASCII text is written as is, except where a lone surrogate came in
+    from the request (a model name or field name echoed in an error): UTF-8
+    cannot encode it, so that payload is written with ASCII escapes.
+    """
+    text = json.dumps(payload, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(payload)
+    return text
+
+
+def _json(payload: dict, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(_dumps(payload), status_code=status, media_type="application/json", headers=headers)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int | None = None) -> dict:
@@ -150,7 +200,7 @@ async def completions(request: Request) -> Response:
     _check_auth(request)
     served: ServedModel = request.app.state.served
     limits: Limits = request.app.state.limits
-    req = parse_completion(await read_json(request, limits.max_body_bytes), limits)
+    req = parse_completion(await read_json(request, limits), limits)
     _check_model(served, req.model, COMPLETION)
     rows, prompt_tokens = await run_in_threadpool(plan_completion, served, req)
     job, events = _submit(request, COMPLETION, rows=rows)
@@ -183,30 +233,41 @@ async def completions(request: Request) -> Response:
 
 
 def _sse(payload) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {_dumps(payload)}\n\n"
 
 
 async def _stream_completion(job: Job, events: _Events, head: dict, prompt_tokens: int, include_usage: bool):
     """Server-sent events: one chunk per text delta, a chunk with the finish reason per choice,
-    optionally a usage chunk, then ``data: [DONE]``."""
+    optionally a usage chunk, then ``data: [DONE]``.
+
+    The 200 and its headers are sent by now, so a failure here cannot become
+    an error status: it is an error event, and the stream still ends cleanly
+    (an exception escaping would make uvicorn drop the connection mid-body).
+    Everything a client can get wrong was checked before the stream started.
+    """
     completion_tokens = 0
     try:
-        while True:
-            ev = await events.get()
-            if isinstance(ev, Delta):
-                yield _sse({**head, "choices": [{"text": ev.text, "index": ev.index, "logprobs": None,
-                                                 "finish_reason": None}]})
-            elif isinstance(ev, Finish):
-                completion_tokens += ev.completion_tokens
-                yield _sse({**head, "choices": [{"text": "", "index": ev.index, "logprobs": None,
-                                                 "finish_reason": ev.reason}]})
-            elif isinstance(ev, Failed):
-                yield _sse(ev.error.to_dict())
-                break
-            elif isinstance(ev, Done):
-                if include_usage:
-                    yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
-                break
+        try:
+            while True:
+                ev = await events.get()
+                if isinstance(ev, Delta):
+                    yield _sse({**head, "choices": [{"text": ev.text, "index": ev.index, "logprobs": None,
+                                                     "finish_reason": None}]})
+                elif isinstance(ev, Finish):
+                    completion_tokens += ev.completion_tokens
+                    yield _sse({**head, "choices": [{"text": "", "index": ev.index, "logprobs": None,
+                                                     "finish_reason": ev.reason}]})
+                elif isinstance(ev, Failed):
+                    yield _sse(ev.error.to_dict())
+                    break
+                elif isinstance(ev, Done):
+                    if include_usage:
+                        yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+                    break
+        except Exception as exc:                   # a bug of ours: say so in-band, end the stream cleanly
+            log.exception("streamed completion failed")
+            yield _sse(APIError(f"internal error ({type(exc).__name__})", status=500,
+                                type="server_error").to_dict())
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()                               # the client left (or we are done): drop its rows
@@ -216,7 +277,7 @@ async def embeddings(request: Request) -> Response:
     _check_auth(request)
     served: ServedModel = request.app.state.served
     limits: Limits = request.app.state.limits
-    req = parse_embedding(await read_json(request, limits.max_body_bytes), limits)
+    req = parse_embedding(await read_json(request, limits), limits)
     _check_model(served, req.model, EMBEDDING)
     prompt_tokens = await run_in_threadpool(check_embedding_inputs, served, req)
     job, events = _submit(request, EMBEDDING, texts=req.inputs)
@@ -249,7 +310,7 @@ async def embeddings(request: Request) -> Response:
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:
-    return _json(exc.to_dict(), exc.status)
+    return _json(exc.to_dict(), exc.status, exc.headers)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -263,9 +324,41 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return _json(err.to_dict(), err.status)
 
 
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.error("unexpected error on %s %s: %r", request.method, request.url.path, exc)
-    return _json(APIError(f"internal error ({type(exc).__name__})", status=500, type="server_error").to_dict(), 500)
+class _CatchAll:
+    """ASGI middleware: an exception no handler took becomes a logged 500 with an OpenAI error body.
+
+    It sits inside Starlette's ServerErrorMiddleware, which would send a 500
+    too but then re-raise, and uvicorn closes the connection of a response
+    that has started: the client's next request on that keep-alive
+    connection would meet a reset. Here the exception stops, and the
+    connection stays usable. If the response had already started (a body
+    cut short), re-raising is the only honest end: uvicorn closes the
+    connection, and the client sees a truncated response, not a complete one.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            err = APIError(f"internal error ({type(exc).__name__})", status=500, type="server_error")
+            await _json(err.to_dict(), 500)(scope, receive, send)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -294,8 +387,8 @@ def create_app(served: ServedModel, *, limits: Limits = Limits(), max_batch_rows
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-        APIError: _api_error, HTTPException: _http_error, Exception: _unexpected})
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(_CatchAll)],
+                    exception_handlers={APIError: _api_error, HTTPException: _http_error})
     app.state.served = served
     app.state.engine = engine
     app.state.limits = limits

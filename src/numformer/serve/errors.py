@@ -18,13 +18,14 @@ class APIError(Exception):
     """
 
     def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers        # extra response headers (e.g. "Connection: close" after a 408)
 
     def to_dict(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -38,6 +39,15 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 def not_found(message: str, param: str | None = None, code: str | None = None) -> APIError:
     """404: an unknown model or route."""
     return APIError(message, status=404, param=param, code=code)
+
+
+def describe_char(c: str) -> str:
+    """A character as error messages show it: its repr and code point, ``'\\t' (U+0009)``.
+
+    The repr escapes what would not print (controls, lone surrogates), so
+    the message stays valid UTF-8 and readable.
+    """
+    return f"{c!r} (U+{ord(c):04X})"
 
 
 def server_error(message: str) -> APIError:

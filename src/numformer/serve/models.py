@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from numformer.serve.errors import invalid
+from numformer.serve.errors import APIError, describe_char, invalid
 from numformer.serve.protocol import DEFAULT_MAX_TOKENS, CompletionRequest, EmbeddingRequest
 
 COMPLETION = "completion"
@@ -104,7 +104,38 @@ class Row:
     stop: list[str]
 
 
-def encode_prompt(served: ServedModel, prompt) -> list[int]:
+# what a tokenizer raises for text it cannot encode (CharTokenizer: ValueError naming the character)
+_ENCODE_ERRORS = (ValueError, KeyError, IndexError)
+
+
+def encode_text(tokenizer, text: str, param: str, where: str) -> list[int]:
+    """``tokenizer.encode(text)``; text it cannot encode is a 400 naming the character and its position.
+
+    A character-level model knows only the characters of its training text:
+    an emoji, a tab or a NUL it never saw cannot be encoded. The tokenizer's
+    own error would otherwise escape as a 500. ``where`` names the text in
+    the message ("the prompt", "prompt 2", "input 0").
+    """
+    try:
+        return tokenizer.encode(text)
+    except _ENCODE_ERRORS as exc:
+        raise unencodable(tokenizer, text, param, where, exc) from None
+
+
+def unencodable(tokenizer, text: str, param: str, where: str, exc: Exception) -> APIError:
+    """The 400 for ``text`` that ``tokenizer`` failed on: find the first character it cannot encode alone."""
+    for c in dict.fromkeys(text):              # distinct characters, in order of first appearance
+        try:
+            tokenizer.encode(c)
+        except _ENCODE_ERRORS:
+            return invalid(f"{where} has a character this model's tokenizer cannot encode: {describe_char(c)} "
+                           f"at position {text.index(c)}; remove or replace it", param=param,
+                           code="unencodable_character")
+    return invalid(f"{where} cannot be encoded by this model's tokenizer ({type(exc).__name__}: {exc})",
+                   param=param, code="unencodable_character")
+
+
+def encode_prompt(served: ServedModel, prompt, where: str = "the prompt") -> list[int]:
     """A prompt (text or token ids) -> token ids, checked against the vocabulary.
 
     An empty text prompt starts a new document: it becomes the end-of-text
@@ -112,7 +143,7 @@ def encode_prompt(served: ServedModel, prompt) -> list[int]:
     """
     tok = served.tokenizer
     if isinstance(prompt, str):
-        ids = tok.encode(prompt)
+        ids = encode_text(tok, prompt, "prompt", where)
         if not ids:
             if served.eot_id is None:
                 raise invalid("the prompt is empty and this tokenizer has no end-of-text token to start "
@@ -120,9 +151,11 @@ def encode_prompt(served: ServedModel, prompt) -> list[int]:
             ids = [served.eot_id]
         return ids
     vocab = served.model.cfg.vocab_size
-    bad = next((t for t in prompt if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise invalid(f"token id {bad} in 'prompt' is outside the vocabulary [0, {vocab})", param="prompt")
+    k = next((k for k, t in enumerate(prompt) if not 0 <= t < vocab), None)
+    if k is not None:
+        shown = str(prompt[k]) if len(str(prompt[k])) <= 40 else str(prompt[k])[:37] + "..."
+        raise invalid(f"token id {shown} at position {k} of {where} is outside the vocabulary [0, {vocab})",
+                      param="prompt")
     return list(prompt)
 
 
@@ -136,9 +169,9 @@ def plan_completion(served: ServedModel, req: CompletionRequest) -> tuple[list[R
     ctx = served.context_length
     rows, prompt_tokens = [], 0
     for i, prompt in enumerate(req.prompts):
-        ids = encode_prompt(served, prompt)
-        prompt_tokens += len(ids)
         where = f"prompt {i}" if len(req.prompts) > 1 else "the prompt"
+        ids = encode_prompt(served, prompt, where)
+        prompt_tokens += len(ids)
         if len(ids) >= ctx:
             raise invalid(f"this model's maximum context length is {ctx} tokens; {where} has {len(ids)} "
                           f"tokens and leaves no room for a completion", param="prompt",
@@ -169,7 +202,7 @@ def check_embedding_inputs(served: ServedModel, req: EmbeddingRequest) -> int:
                       f"{served.embedding_dim} dimensions (leave 'dimensions' out)", param="dimensions")
     tok, limit, total = served.tokenizer, served.context_length, 0
     for i, text in enumerate(req.inputs):
-        n = len(tok.encode(text))
+        n = len(encode_text(tok, text, "input", f"input {i}" if len(req.inputs) > 1 else "the input"))
         if n > limit:
             raise invalid(f"this model's maximum input length is {limit} tokens; input {i} has {n}",
                           param="input", code="context_length_exceeded")

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from numformer.serve.errors import invalid
+from numformer.serve.errors import describe_char, invalid
 
 # ----------------------------------------------------------------------------- limits
 
@@ -37,6 +38,8 @@ class Limits:
     max_stop: int = 4                    # stop strings (OpenAI's limit)
     max_stop_chars: int = 256            # characters per stop string (each token scans for them)
     max_temperature: float = 2.0         # OpenAI's range is [0, 2]
+    body_timeout: float = 30.0           # seconds to receive the whole body once the headers are in (408)
+    header_timeout: float = 10.0         # seconds to receive a request's headers (the connection is closed)
 
 
 DEFAULT_MAX_TOKENS = 16                  # OpenAI's default for /v1/completions
@@ -83,8 +86,9 @@ def parse_json(raw: bytes) -> dict:
     """The request body as a JSON object; 400 for anything else (bad UTF-8, bad JSON, NaN, a list...)."""
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise invalid("the request body is not valid UTF-8") from None
+    except UnicodeDecodeError as exc:
+        raise invalid(f"the request body is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset "
+                      f"{exc.start}: {exc.reason})") from None
     if not text.strip():
         raise invalid("the request body is empty; send a JSON object")
     try:
@@ -94,6 +98,30 @@ def parse_json(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise invalid(f"the request body must be a JSON object, got {_kind(body)}")
     return body
+
+
+def _show(value: Any) -> str:
+    """``value`` as JSON, cut to 40 characters (a 4,000-digit number stays readable)."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str, param: str, where: str) -> str:
+    """Refuse a lone surrogate in ``text`` (a JSON escape like ``"\\ud800"`` with no partner).
+
+    It is not a Unicode character: it has no UTF-8 form, so no tokenizer can
+    encode it faithfully (byte-level BPE would silently turn it into U+FFFD).
+    ``where`` names the text in the message ("the prompt", "input 2"...).
+    """
+    m = _SURROGATE.search(text)
+    if m is not None:
+        raise invalid(f"{where} has a lone surrogate {describe_char(m.group())} at position {m.start()}, "
+                      "which is not a valid Unicode character (pair it or remove it)", param=param,
+                      code="invalid_unicode")
+    return text
 
 
 def _kind(value: Any) -> str:
@@ -140,25 +168,25 @@ class _Fields:
         if v is None:
             return default
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
-            raise invalid(f"'{name}' must be an integer, got {_kind(v)} {json.dumps(v)[:40]}", param=name)
+            raise invalid(f"'{name}' must be an integer, got {_kind(v)} {_show(v)}", param=name)
         v = int(v)
         if lo is not None and v < lo:
-            raise invalid(f"'{name}' must be >= {lo}, got {v}", param=name)
+            raise invalid(f"'{name}' must be >= {lo}, got {_show(v)}", param=name)
         if hi is not None and v > hi:
-            raise invalid(f"'{name}' must be <= {hi}, got {v}", param=name)
+            raise invalid(f"'{name}' must be <= {hi}, got {_show(v)}", param=name)
         return v
 
     def number(self, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
         v = self.get(name)
         if v is None:
             return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
             raise invalid(f"'{name}' must be a number, got {_kind(v)}", param=name)
-        v = float(v)
+        # compare before float(): an int beyond float's range (10**400) would overflow there
         if (v <= lo if lo_open else v < lo) or v > hi:
             left = "(" if lo_open else "["
-            raise invalid(f"'{name}' must be in {left}{lo:g}, {hi:g}], got {v:g}", param=name)
-        return v
+            raise invalid(f"'{name}' must be in {left}{lo:g}, {hi:g}], got {_show(v)}", param=name)
+        return float(v)
 
     def boolean(self, name: str, default: bool) -> bool:
         v = self.get(name)
@@ -190,7 +218,7 @@ class _Fields:
 def _prompts(value: Any, limits: Limits) -> list:
     """OpenAI's four prompt forms -> a list of prompts, each a string or a list of token ids."""
     if isinstance(value, str):
-        return [value]
+        return [check_text(value, "prompt", "the prompt")]
     if not isinstance(value, list) or not value:
         raise invalid("'prompt' must be a string, a list of strings, a list of token ids or a list of "
                       f"token-id lists (non-empty), got {_kind(value) if value != [] else 'an empty array'}",
@@ -198,7 +226,7 @@ def _prompts(value: Any, limits: Limits) -> list:
     if all(_is_token(t) for t in value):
         return [list(value)]
     if all(isinstance(p, str) for p in value):
-        prompts = list(value)
+        prompts = [check_text(p, "prompt", f"prompt {i}") for i, p in enumerate(value)]
     elif all(isinstance(p, list) and p and all(_is_token(t) for t in p) for p in value):
         prompts = [list(p) for p in value]
     else:
@@ -226,6 +254,8 @@ def _stop(value: Any, limits: Limits) -> list[str]:
         raise invalid("'stop' strings must not be empty", param="stop")
     if any(len(s) > limits.max_stop_chars for s in stops):
         raise invalid(f"'stop' strings may have at most {limits.max_stop_chars} characters", param="stop")
+    for i, s in enumerate(stops):
+        check_text(s, "stop", f"stop string {i}")
     return stops
 
 
@@ -299,6 +329,8 @@ def parse_embedding(body: dict, limits: Limits = Limits()) -> EmbeddingRequest:
                       f"{_kind(value) if value != [] else 'an empty array'}", param="input")
     if len(inputs) > limits.max_inputs:
         raise invalid(f"'input' holds {len(inputs)} texts; at most {limits.max_inputs} per request", param="input")
+    for i, text in enumerate(inputs):
+        check_text(text, "input", "the input" if isinstance(value, str) else f"input {i}")
     fmt = f.string("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise invalid(f"'encoding_format' must be 'float' or 'base64', got {fmt!r}", param="encoding_format")
