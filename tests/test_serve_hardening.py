@@ -404,3 +404,6 @@ def test_cli_has_the_timeouts():
     args = cli.build_parser().parse_args(["serve", "--checkpoint", "x", "--body-timeout", "5",
                                           "--header-timeout", "2.5"])
     assert (args.body_timeout, args.header_timeout) == (5.0, 2.5)
+    for bad in ("0", "-1", "nan", "inf"):
+        assert cli.main(["serve", "--checkpoint", TINY_GPT2, "--body-timeout", bad]) == 2
+    assert cli.main(["serve", "--checkpoint", TINY_GPT2, "--header-timeout", "0"]) == 2
