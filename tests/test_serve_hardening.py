@@ -146,7 +146,7 @@ def test_unencodable_character_in_a_prompt_list_names_the_prompt(servers):
                                                 "max_tokens": 1}).status_code == 200
 
 
-def test_an_unexpected_error_is_a_500_that_keeps_the_connection(servers, monkeypatch, caplog):
+def test_an_unexpected_error_is_a_500_that_keeps_the_connection(servers, monkeypatch):
     srv = servers[CHAR]
 
     def broken(*args):

@@ -29,6 +29,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -67,7 +68,7 @@ async def read_json(request: Request, limits: Limits) -> dict:
             raise _too_large(int(declared), limit)
     body = bytearray()
     try:
-        async with asyncio.timeout(limits.body_timeout):
+        with anyio.fail_after(limits.body_timeout):     # (asyncio.timeout needs Python 3.11)
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > limit:
