@@ -22,10 +22,20 @@ using numformer::cpu::BpeMerger;
 
 namespace {
 
+// An id: a Python or NumPy integer (a float such as 1.5 is refused, not
+// truncated) in [0, 2**32 - 1); values past 64 bits are refused, not wrapped.
 std::uint32_t as_id(const py::handle& h, const char* what) {
-    long long v = h.cast<long long>();
-    if (v < 0 || v > 0xFFFFFFFELL)
-        throw py::value_error(std::string("BPE: ") + what + " " + std::to_string(v) + " is outside [0, 2**32 - 1)");
+    const auto index = py::reinterpret_steal<py::object>(PyNumber_Index(h.ptr()));
+    if (!index) {
+        PyErr_Clear();
+        throw py::type_error(std::string("BPE: ") + what + " must be an integer, got " +
+                             py::str(py::type::of(h).attr("__name__")).cast<std::string>());
+    }
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+    if (overflow != 0 || v < 0 || v > 0xFFFFFFFELL)
+        throw py::value_error(std::string("BPE: ") + what + " " + py::repr(index).cast<std::string>() +
+                              " is outside [0, 2**32 - 1)");
     return static_cast<std::uint32_t>(v);
 }
 

@@ -249,7 +249,7 @@ void embedding_backward(const py::object& d_o, const py::object& ids_o, const py
                               ", got " + shape_str(dout));
     }
     const std::int64_t* ip = ci(ids);
-    for (index_t n = 0; n < B * T; ++n) {
+    for (index_t n = 0; n < ids.size(); ++n) {
         if (ip[n] < 0 || ip[n] >= V) {
             throw py::value_error(std::string(fn) + ": id " + std::to_string(ip[n]) +
                                   " at position " + std::to_string(n) + " is outside [0, " +
@@ -264,10 +264,8 @@ void embedding_backward(const py::object& d_o, const py::object& ids_o, const py
         dwpe = f32(wpe_o, fn, "dwpe", /*writeable=*/true);
         if (dwpe.ndim() != 2 || dwpe.shape(1) != C)
             throw py::value_error(std::string(fn) + ": dwpe must be 2-D (P, " + std::to_string(C) + "), got " + shape_str(dwpe));
-        if (pos0 < 0 || pos0 + T > dwpe.shape(0)) {
-            throw py::value_error(std::string(fn) + ": positions [" + std::to_string(pos0) + ", " +
-                                  std::to_string(pos0 + T) + ") do not fit dwpe " + shape_str(dwpe));
-        }
+        // Not `pos0 + T > P`: that sum wraps for a huge pos0 and the check would pass.
+        require_range(pos0, T, dwpe.shape(0), fn, "pos0", "dwpe " + shape_str(dwpe));
         if (overlaps(dwpe, dwte) || overlaps(dwpe, dout) || overlaps(dwpe, ids))
             throw py::value_error(std::string(fn) + ": dwpe must not share memory with dwte, dout or ids");
         wpe_p = mf(dwpe);

@@ -13,6 +13,7 @@
 #include <sstream>
 #include <string>
 
+#include "bindings/int_checks.h"
 #include "cpu/runtime.h"
 
 namespace numformer::bindings {
@@ -82,12 +83,6 @@ inline bool overlaps(const py::array& a, const py::array& b) {
     const auto b0 = reinterpret_cast<std::uintptr_t>(b.data());
     return a0 < b0 + static_cast<std::uintptr_t>(b.nbytes()) &&
            b0 < a0 + static_cast<std::uintptr_t>(a.nbytes());
-}
-
-// a·b, refusing results whose element count would not fit in 63 bits.
-inline index_t checked_mul(index_t a, index_t b, const char* fn) {
-    if (a != 0 && b > INT64_MAX / a) throw py::value_error(std::string(fn) + ": result is too large");
-    return a * b;
 }
 
 }  // namespace numformer::bindings

@@ -359,11 +359,14 @@ with no finite entry (fully masked) gives all zeros; a row containing NaN or
     register_quant(m);
     register_output_cache(m);
 
+    // As set_num_threads' cap: OpenMP asked for 2**31 threads aborts the process.
+    constexpr int kMaxBenchThreads = 1024;
     m.def("measure_fma_peak",
           [](double seconds, int threads) {
               if (!(seconds > 0) || seconds > 60)
                   throw py::value_error("measure_fma_peak: seconds must be in (0, 60]");
-              if (threads < 1) throw py::value_error("measure_fma_peak: threads must be >= 1");
+              if (threads < 1 || threads > kMaxBenchThreads)
+                  throw py::value_error("measure_fma_peak: threads must be in [1, 1024], got " + std::to_string(threads));
               py::gil_scoped_release release;
               return nc::measure_fma_peak(seconds, threads);
           },
@@ -373,7 +376,9 @@ with no finite entry (fully masked) gives all zeros; a row containing NaN or
           [](std::int64_t nbytes, int threads) {
               if (nbytes < 1 || nbytes > (std::int64_t(1) << 36))
                   throw py::value_error("measure_copy_bandwidth: nbytes must be in [1, 2**36]");
-              if (threads < 1) throw py::value_error("measure_copy_bandwidth: threads must be >= 1");
+              if (threads < 1 || threads > kMaxBenchThreads)
+                  throw py::value_error("measure_copy_bandwidth: threads must be in [1, 1024], got " +
+                                        std::to_string(threads));
               py::gil_scoped_release release;
               return nc::measure_copy_bandwidth(nbytes, threads);
           },

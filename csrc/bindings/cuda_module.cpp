@@ -71,7 +71,11 @@ struct DeviceArray {
     DType dtype = DType::f32;
 
     DeviceArray() = default;
-    DeviceArray(const Shape& s, DType dt) : shape(s), dtype(dt) {
+    // The element count is checked (dimensions >= 0, at most 2**63 - 1 bytes)
+    // before anything is allocated: a wrapped byte count would allocate a small
+    // block that the kernels then index as the large array it claims to be.
+    DeviceArray(const Shape& s, DType dt)
+        : shape(s), dtype(dt), count(numformer::bindings::checked_numel(s, "DeviceArray", dt == DType::f32 ? 4 : 1)) {
         require_device();
         const std::size_t n = nbytes();
         void* p = nullptr;
@@ -81,7 +85,8 @@ struct DeviceArray {
         });
     }
     std::size_t itemsize() const { return dtype == DType::f32 ? 4 : 1; }
-    std::size_t size() const { return std::size_t(ops::numel(shape)); }
+    std::int64_t count = 0;  // elements, checked by the constructor
+    std::size_t size() const { return std::size_t(count); }
     std::size_t nbytes() const { return size() * itemsize(); }
     void* ptr() const { return mem.get(); }
     explicit operator bool() const { return mem != nullptr || !shape.empty(); }
@@ -232,7 +237,9 @@ PYBIND11_MODULE(_cuda, m) {
         // Device-to-device copies timed with events: bytes read + written per
         // second, the ceiling a memory-bound kernel (softmax) is measured against.
         require_device();
-        if (nbytes == 0 || repeat < 1) throw py::value_error("measure_copy_bandwidth: nbytes and repeat must be > 0");
+        if (nbytes == 0 || repeat < 1 || repeat > 10000)
+            throw py::value_error("measure_copy_bandwidth: nbytes must be > 0 and repeat in [1, 10000], got " +
+                                  std::to_string(nbytes) + " and " + std::to_string(repeat));
         void *a = nullptr, *b = nullptr;
         check(cudaMalloc(&a, nbytes), "cudaMalloc");
         std::unique_ptr<void, void (*)(void*)> ga(a, [](void* p) { cudaFree(p); });
@@ -257,6 +264,9 @@ PYBIND11_MODULE(_cuda, m) {
     m.def("measure_fma_peak", [](int iters) {
         // TFLOP/s of a kernel doing only FMAs on 8 chains per thread, with
         // 16 blocks per SM: the compute ceiling for FP32 CUDA-core kernels.
+        // Bounded so that a typo cannot keep the GPU busy for minutes (2**24 is a few seconds on an H100).
+        if (iters < 1 || iters > (1 << 24))
+            throw py::value_error("measure_fma_peak: iters must be in [1, 2**24], got " + std::to_string(iters));
         require_device();
         int dev = 0, sms = 0;
         check(cudaGetDevice(&dev), "cudaGetDevice");

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings/int_checks.h"
 #include "cuda/kernels.h"
 
 namespace numformer::bindings::cudaops {
@@ -37,19 +38,24 @@ inline std::string shape_str(const Shape& s) {
     return o.str();
 }
 
-inline index_t numel(const Shape& s) {
-    index_t n = 1;
-    for (index_t d : s) n *= d;
-    return n;
+// Elements of a shape, refusing negative dimensions and sizes past 2**63 - 1
+// bytes of float32 (a DeviceArray's shape is not checked by NumPy).
+inline index_t numel(const Shape& s, const std::string& fn = "numformer._cuda") {
+    return checked_numel(s, fn, sizeof(float));
 }
 
 [[noreturn]] inline void value_error(const std::string& fn, const std::string& what) {
     throw py::value_error(fn + ": " + what);
 }
 
-inline int to_int(index_t v, const std::string& fn, const char* what) {
-    if (v > index_t(0x7fffffff)) value_error(fn, std::string(what) + " = " + std::to_string(v) + " exceeds 2^31 - 1");
-    return int(v);
+// The kernels take int sizes (CUDA launch parameters): refuse what does not fit.
+inline int to_int(index_t v, const std::string& fn, const char* what) { return to_int32(v, fn, what); }
+
+// "positions 3..4" for an error message, without forming pos0 + T - 1 when it would wrap.
+inline std::string positions_str(index_t pos0, index_t T) {
+    if (T < 1) return "position " + std::to_string(pos0) + " (no tokens)";
+    if (pos0 > kInt64Max - (T - 1)) return "positions from " + std::to_string(pos0) + " (" + std::to_string(T) + " of them)";
+    return "positions " + std::to_string(pos0) + ".." + std::to_string(pos0 + T - 1);
 }
 
 // The additive-mask row mapping for softmax (see SoftmaxMask in kernels.h):
@@ -358,15 +364,17 @@ copy of the prefix). causal: query i sees key j iff j <= i + length - Tq.)doc");
                                     ", wpe " + shape_str(sp));
             const py::array_t<std::int32_t> host_ids = checked_ids(ids_obj, fn, se[0]);
             const index_t B = host_ids.shape(0), T = host_ids.shape(1);
-            if (pos0 < 0 || pos0 + T > sp[0])
-                value_error(fn, "positions " + std::to_string(pos0) + ".." + std::to_string(pos0 + T - 1) +
-                                    " are outside the " + std::to_string(sp[0]) + " rows of wpe");
+            // Not `pos0 + T > P`: the sum wraps for a huge pos0 and the check would pass.
+            if (!range_fits(pos0, T, sp[0]))
+                value_error(fn, positions_str(pos0, T) + " are outside the " + std::to_string(sp[0]) + " rows of wpe");
+            to_int(pos0 + T, fn, "pos0 + T");  // the kernel forms pos0 + t in int; pos0 + T <= P cannot wrap
+            const int t32 = to_int(T, fn, "T"), c32 = to_int(se[1], fn, "C"), p32 = int(pos0);
             auto ids = Policy::ids(host_ids);
             Array x = Policy::empty(Shape{B * T, se[1]});
             {
                 py::gil_scoped_release nogil;
-                nc::embedding_forward(ids.data, Policy::cdata(wte), Policy::cdata(wpe), Policy::data(x), B * T,
-                                      to_int(T, fn, "T"), to_int(se[1], fn, "C"), int(pos0));
+                nc::embedding_forward(ids.data, Policy::cdata(wte), Policy::cdata(wpe), Policy::data(x), B * T, t32,
+                                      c32, p32);
                 Policy::sync(fn);
             }
             return Policy::to_py(x);
@@ -425,17 +433,19 @@ copy of the prefix). causal: query i sees key j iff j <= i + length - Tq.)doc");
             if (batch < 1 || s[0] % batch != 0)
                 value_error(fn, "batch = " + std::to_string(batch) + " does not divide the " + std::to_string(s[0]) +
                                     " rows of qkv");
-            if (heads < 1 || s[1] % (3 * heads) != 0)
+            // Not `s[1] % (3 * heads)`: 3 * heads wraps for a huge heads.
+            if (heads < 1 || s[1] % 3 != 0 || (s[1] / 3) % heads != 0)
                 value_error(fn, "qkv has " + std::to_string(s[1]) + " columns; expected 3 * heads * D with heads = " +
                                     std::to_string(heads));
             to_int(s[1], fn, "3C");
-            const index_t T = s[0] / batch, D = s[1] / (3 * heads);
+            const index_t T = s[0] / batch, D = s[1] / 3 / heads;
+            const int b32 = to_int(batch, fn, "B"), t32 = to_int(T, fn, "T"), h32 = to_int(heads, fn, "H");
             const Shape sh{batch, heads, T, D};
             Array q = Policy::empty(sh), k = Policy::empty(sh), v = Policy::empty(sh);
             {
                 py::gil_scoped_release nogil;
-                nc::split_heads(Policy::cdata(qkv), Policy::data(q), Policy::data(k), Policy::data(v),
-                                to_int(batch, fn, "B"), to_int(T, fn, "T"), to_int(heads, fn, "H"), to_int(D, fn, "D"));
+                nc::split_heads(Policy::cdata(qkv), Policy::data(q), Policy::data(k), Policy::data(v), b32, t32, h32,
+                                int(D));
                 Policy::sync(fn);
             }
             return py::make_tuple(Policy::to_py(q), Policy::to_py(k), Policy::to_py(v));
@@ -457,20 +467,21 @@ copy of the prefix). causal: query i sees key j iff j <= i + length - Tq.)doc");
             if (Policy::overlaps(kc, vc) || Policy::overlaps(kc, qkv) || Policy::overlaps(vc, qkv))
                 value_error(fn, "k_cache, v_cache and qkv must not overlap");
             const index_t H = sc[1], D = sc[3];
-            if (batch != sc[0] || s[0] % batch != 0 || s[1] != 3 * H * D)
+            if (batch != sc[0] || batch < 1 || s[0] % batch != 0 || s[1] != checked_mul(3, checked_mul(H, D, fn), fn))
                 value_error(fn, "qkv " + shape_str(s) + " does not fit caches " + shape_str(sc) + " with batch = " +
                                     std::to_string(batch) + " (expected (batch*T, 3*H*D))");
             const index_t T = s[0] / batch;
-            if (pos0 < 0 || pos0 + T > sc[2])
-                value_error(fn, "positions " + std::to_string(pos0) + ".." + std::to_string(pos0 + T - 1) +
-                                    " are outside the cache's " + std::to_string(sc[2]));
+            // Not `pos0 + T > Tmax`: the sum wraps for a huge pos0 and the check would pass.
+            if (!range_fits(pos0, T, sc[2]))
+                value_error(fn, positions_str(pos0, T) + " are outside the cache's " + std::to_string(sc[2]));
             to_int(s[1], fn, "3C");
+            const int b32 = to_int(batch, fn, "B"), t32 = to_int(T, fn, "T"), h32 = to_int(H, fn, "H"),
+                      d32 = to_int(D, fn, "D"), tmax32 = to_int(sc[2], fn, "Tmax");
             Array q = Policy::empty(Shape{batch, H, T, D});
             {
                 py::gil_scoped_release nogil;
-                nc::split_heads_to_cache(Policy::cdata(qkv), Policy::data(q), Policy::data(kc), Policy::data(vc),
-                                         to_int(batch, fn, "B"), to_int(T, fn, "T"), to_int(H, fn, "H"),
-                                         to_int(D, fn, "D"), to_int(sc[2], fn, "Tmax"), int(pos0));
+                nc::split_heads_to_cache(Policy::cdata(qkv), Policy::data(q), Policy::data(kc), Policy::data(vc), b32,
+                                         t32, h32, d32, tmax32, int(pos0));  // 0 <= pos0 <= Tmax - T: an int
                 Policy::sync(fn);
             }
             return Policy::to_py(q);
@@ -485,12 +496,13 @@ copy of the prefix). causal: query i sees key j iff j <= i + length - Tq.)doc");
             Array o = Policy::f32(o_obj, fn, "o");
             const Shape s = Policy::shape(o);
             if (s.size() != 4) value_error(fn, "o must be 4-D (B, H, T, D), got " + shape_str(s));
-            to_int(s[1] * s[3], fn, "C");
-            Array y = Policy::empty(Shape{s[0] * s[2], s[1] * s[3]});
+            to_int(checked_mul(s[1], s[3], fn), fn, "C");
+            const int b32 = to_int(s[0], fn, "B"), t32 = to_int(s[2], fn, "T"), h32 = to_int(s[1], fn, "H"),
+                      d32 = to_int(s[3], fn, "D");
+            Array y = Policy::empty(Shape{checked_mul(s[0], s[2], fn), s[1] * s[3]});
             {
                 py::gil_scoped_release nogil;
-                nc::merge_heads(Policy::cdata(o), Policy::data(y), to_int(s[0], fn, "B"), to_int(s[2], fn, "T"),
-                                to_int(s[1], fn, "H"), to_int(s[3], fn, "D"));
+                nc::merge_heads(Policy::cdata(o), Policy::data(y), b32, t32, h32, d32);
                 Policy::sync(fn);
             }
             return Policy::to_py(y);

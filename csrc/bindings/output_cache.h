@@ -24,7 +24,10 @@
 #include <pybind11/pybind11.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <vector>
+
+#include "bindings/int_checks.h"
 
 namespace numformer::bindings {
 
@@ -42,11 +45,13 @@ CachedBlock acquire_block(std::size_t bytes);
 bool output_cache_enabled();  // false when NUMFORMER_OUTPUT_CACHE_MB=0
 
 // An uninitialised C-contiguous array of `shape`, from the cache when large.
+// The byte count is checked before anything is allocated: a product that wrapped
+// (e.g. (2**22, 2**39 + 1) float64 from a matmul of two empty arrays) would carve a
+// small block that the kernel then fills as the huge array the shape describes.
 template <typename T>
 py::array_t<T> new_output(const std::vector<py::ssize_t>& shape) {
-    std::size_t count = 1;
-    for (py::ssize_t s : shape) count *= static_cast<std::size_t>(s);
-    const std::size_t bytes = count * sizeof(T);
+    const std::vector<std::int64_t> dims(shape.begin(), shape.end());
+    const std::size_t bytes = static_cast<std::size_t>(checked_numel(dims, "result array", sizeof(T))) * sizeof(T);
     if (bytes < kCacheMinBytes || !output_cache_enabled()) return py::array_t<T>(shape);
     CachedBlock block = acquire_block(bytes);
     return py::array_t<T>(shape, static_cast<T*>(block.data), block.owner);
