@@ -27,6 +27,7 @@ kernels) runs on ``numformer._cpu`` when it is available, else NumPy.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import threading
 import warnings
@@ -365,8 +366,34 @@ def _f32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def _i64(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.int64)
+def int_array(a, fn: str, name: str) -> np.ndarray:
+    """``a`` as a NumPy integer array, or TypeError naming ``fn``, ``name`` and the dtype.
+
+    Token ids, targets, labels and positions index rows: a float such as 1.5
+    must be refused, not truncated to 1 (what ``astype(np.int64)`` would do),
+    and a bool array is refused too (NumPy would read it as a mask). An empty
+    list arrives as float64 from ``np.asarray([])`` and has no value to
+    truncate, so an empty array of any numeric dtype passes, as int64.
+    """
+    a = np.asarray(a)
+    if a.dtype.kind in "iu":
+        return a
+    if a.size == 0 and a.dtype.kind in "f":
+        return a.astype(np.int64)
+    raise TypeError(f"{fn}: {name} has dtype {a.dtype}; expected integers (no truncation of non-integer {name})")
+
+
+def int_scalar(value, fn: str, name: str) -> int:
+    """``value`` as a Python int (int or NumPy integer), or TypeError: ``int(1.5)`` would truncate."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{fn}: {name} must be an integer, got {type(value).__name__} {value!r}") from None
+
+
+def _i64(a, fn: str, name: str) -> np.ndarray:
+    """A C-contiguous int64 copy (or view) of the integer array ``a`` (TypeError for floats)."""
+    return np.ascontiguousarray(int_array(a, fn, name), dtype=np.int64)
 
 
 def layernorm_forward(x, gamma, beta, eps: float):
@@ -389,18 +416,22 @@ def gelu_tanh_backward(dout, x):
 
 def cross_entropy_forward(logits2d, targets1d, ignore_index: int):
     """logits (N, V), targets (N,) -> (Σ over counted rows of lse − z[y], lse (N,))."""
-    return _load_cpu().cross_entropy_forward(_f32(logits2d), _i64(targets1d), int(ignore_index))
+    fn = "cross_entropy_forward"
+    return _load_cpu().cross_entropy_forward(_f32(logits2d), _i64(targets1d, fn, "targets"),
+                                             int_scalar(ignore_index, fn, "ignore_index"))
 
 
 def cross_entropy_backward(logits2d, targets1d, lse, scale: float, ignore_index: int, out=None):
     """(softmax − onehot) · scale, ignored rows 0; ``out`` may be ``logits2d`` (in place)."""
-    return _load_cpu().cross_entropy_backward(logits2d, targets1d, lse, float(scale),
-                                              int(ignore_index), out=out)
+    fn = "cross_entropy_backward"
+    return _load_cpu().cross_entropy_backward(logits2d, _i64(targets1d, fn, "targets"), lse, float(scale),
+                                              int_scalar(ignore_index, fn, "ignore_index"), out=out)
 
 
 def embedding_backward(dout, ids, dwte, dwpe, pos0: int) -> None:
     """In place: ``dwte[ids] += dout`` (repeats accumulate), ``dwpe[pos0+t] += Σ_b dout[:, t]``."""
-    _load_cpu().embedding_backward(_f32(dout), _i64(ids), dwte, dwpe, int(pos0))
+    fn = "embedding_backward"
+    _load_cpu().embedding_backward(_f32(dout), _i64(ids, fn, "ids"), dwte, dwpe, int_scalar(pos0, fn, "pos0"))
 
 
 def adamw_step(params, grads, m, v, decay_mask, *, lr, beta1, beta2, eps, weight_decay, step) -> None:

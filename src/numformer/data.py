@@ -49,7 +49,10 @@ class TokenSplits:
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, val_fraction: float = 0.1):
-        tokens = np.asarray(tokens, dtype=np.int64)
+        tokens = np.asarray(tokens)
+        if tokens.dtype.kind not in "iu" and tokens.size:   # astype(int64) would truncate 1.5 to 1
+            raise TypeError(f"TokenSplits: tokens has dtype {tokens.dtype}; expected integer ids")
+        tokens = tokens.astype(np.int64, copy=False)
         if not 0.0 < val_fraction < 1.0:
             raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
         n_val = int(len(tokens) * val_fraction)

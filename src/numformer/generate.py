@@ -102,7 +102,7 @@ def stream(model: GPT2, prompt: Sequence[int], max_new_tokens: int, *, temperatu
     validate_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    ids = list(int(t) for t in prompt)
+    ids = [_token_id(t, "prompt") for t in prompt]
     if not ids:
         raise ValueError("the prompt is empty; give at least one token (e.g. the end-of-text token)")
     n_ctx = model.cfg.n_positions
@@ -350,13 +350,23 @@ def generate_batch(model: GPT2, prompts: Sequence[Sequence[int]], max_new_tokens
     return bs.tokens
 
 
+def _token_id(t, what: str) -> int:
+    """A token id as an int. ``operator.index``, not ``int``: int(1.5) == 1 and int("7") == 7
+    would turn a wrong value into a wrong token silently; NumPy integers pass."""
+    try:
+        return operator.index(t)
+    except TypeError:
+        raise TypeError(f"{what} must hold integer token ids, got {type(t).__name__} {t!r}") from None
+
+
 def _id_list(prompt, index: int) -> list[int]:
     if isinstance(prompt, (str, bytes)):
         raise TypeError(f"prompt {index} is a string; encode it with the tokenizer first")
     try:
-        return [int(t) for t in prompt]
-    except (TypeError, ValueError):
+        items = list(prompt)
+    except TypeError:
         raise TypeError(f"prompt {index} must be a sequence of token ids, got {type(prompt).__name__}") from None
+    return [_token_id(t, f"prompt {index}") for t in items]
 
 
 def _per_row(value, B: int, name: str) -> list[int]:
@@ -388,7 +398,7 @@ def _stop_set(eot_id) -> frozenset:
         return frozenset()
     if isinstance(eot_id, (int, np.integer)):
         return frozenset([int(eot_id)])
-    return frozenset(int(t) for t in eot_id)
+    return frozenset(_token_id(t, "eot_id") for t in eot_id)
 
 
 # ----------------------------------------------------------------------------- text
