@@ -15,6 +15,21 @@ Masks:
 
 A fully masked row produces zeros (see :mod:`numformer.ops.softmax`).
 
+Non-finite inputs (the rule every kernel follows; docs/kernels.md):
+
+* A key that query i may not see does not exist for it: its k and v
+  (NaN, ±inf) never reach row i's output, lse or gradients, nor does row i's
+  q or dout reach that key's dk, dv. (Not ``0 · v``: 0 · NaN is NaN.)
+* Over the visible keys everything is IEEE arithmetic on the formulas below,
+  as in PyTorch's math path: a NaN in q row i makes row i NaN; a NaN in k
+  row j makes every row that sees j NaN; a NaN in v[j, d] makes column d
+  of those rows NaN; +inf in a score gives inf − inf = NaN for the row; a
+  −inf score gives p = 0 for that key, and ``0 · (±inf)`` in ``P V`` is NaN.
+* A query with no visible key gives O = 0, lse = −inf, zero gradients. A
+  query with visible keys whose scores are all −inf (an infinite input, or
+  an overflow) gives 0/0: O = NaN, lse = NaN, NaN gradients in what it
+  reaches.
+
 :func:`forward_reference` / :func:`backward_reference` are the specification:
 plain NumPy that materializes the Tq×Tk matrix P and caches it.
 :func:`forward` / :func:`backward` are what models call; they go through
@@ -79,9 +94,35 @@ def backward(dout: np.ndarray, cache):
     return backend.attention_backward(dout, cache)
 
 
+def _visible_matmul(x: np.ndarray, y: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """x: (N, M, K), y: (N, K, C), allowed: bool broadcastable to (N, M, K) or None -> (N, M, C).
+
+    ``Σ_k x[m, k] y[k, c]`` over the *allowed* pairs (m, k) only; x is 0 at
+    the others. That equals ``x @ y`` unless y holds inf or NaN at a hidden
+    pair, where ``0 · inf`` would make a NaN that the mask must not let
+    through. Then the finite part is a matmul and the non-finite entries of y
+    are added one by one where they are allowed.
+    """
+    bad = ~np.isfinite(y)
+    if allowed is None or not bad.any():
+        return backend.matmul(x, y)
+    out = backend.matmul(x, np.where(bad, 0, y).astype(y.dtype, copy=False))
+    n, k, c = np.nonzero(bad)                                 # the non-finite entries y[n, k, c]
+    a = np.broadcast_to(allowed, x.shape)[n, :, k]             # (entries, M)
+    with np.errstate(invalid="ignore"):
+        terms = np.where(a, x[n, :, k] * y[n, k, c][:, None], 0).astype(out.dtype, copy=False)
+    np.add.at(out, (n[:, None], np.arange(x.shape[1])[None, :], c[:, None]), terms)
+    return out
+
+
 def forward_reference(q, k, v, causal: bool = True, key_mask: np.ndarray | None = None):
     """The specification. q: (B, H, Tq, D), k, v: (B, H, Tk, D), key_mask: (B, Tk) bool or None
-    -> out: (B, H, Tq, D), cache (holds P, (B, H, Tq, Tk))."""
+    -> out: (B, H, Tq, D), cache (holds P, (B, H, Tq, Tk)).
+
+    Non-finite inputs follow the rule in the module docstring: hidden keys do
+    not exist for the query (P = 0 there, and ``_visible_matmul`` keeps their
+    v out); a query with visible keys whose scores are all −inf gets NaN.
+    """
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     scale = 1.0 / math.sqrt(D)
@@ -91,10 +132,18 @@ def forward_reference(q, k, v, causal: bool = True, key_mask: np.ndarray | None 
     s = backend.matmul(q3, k3, trans_b=True).reshape(B, H, Tq, Tk) * q.dtype.type(scale)  # Q Kᵀ/√D
     allowed = build_mask(Tq, Tk, causal, key_mask)
     if allowed is not None:
+        allowed = np.broadcast_to(allowed, (B, H, Tq, Tk))
         s = np.where(allowed, s, -np.inf).astype(q.dtype, copy=False)
-    p, _ = softmax_op.forward(s)                                            # (B, H, Tq, Tk)
-    out = backend.matmul(p.reshape(B * H, Tq, Tk), v3).reshape(B, H, Tq, D)  # P V
-    return out, (q3, k3, v3, p, scale, q.shape, k.shape)
+    with np.errstate(invalid="ignore"):
+        p, _ = softmax_op.forward(s)                                        # (B, H, Tq, Tk)
+    seen = allowed.any(-1, keepdims=True) if allowed is not None else Tk > 0  # a visible key?
+    dead = seen & (p.sum(-1, keepdims=True) == 0)       # visible keys, all scores −inf: 0/0
+    if allowed is not None or dead.any():
+        keep = True if allowed is None else allowed
+        p = np.where(keep, np.where(dead, np.nan, p), 0).astype(q.dtype, copy=False)  # hidden: exactly 0
+    a3 = None if allowed is None else allowed.reshape(B * H, Tq, Tk)
+    out = _visible_matmul(p.reshape(B * H, Tq, Tk), v3, a3).reshape(B, H, Tq, D)  # P V
+    return out, (q3, k3, v3, p, scale, q.shape, k.shape, a3, out)
 
 
 def backward_reference(dout: np.ndarray, cache):
@@ -104,22 +153,33 @@ def backward_reference(dout: np.ndarray, cache):
     Differentiating the three forward lines in reverse:
 
     * ``O = P V``          ⇒  ``dP = dO Vᵀ``,  ``dV = Pᵀ dO``
-    * ``P = softmax(S)``   ⇒  ``dS = P ⊙ (dP − rowsum(dP ⊙ P))``
+    * ``P = softmax(S)``   ⇒  ``dS = P ⊙ (dP − rowsum(dP ⊙ P))``, and
+      ``rowsum(dP ⊙ P) = rowsum(dO ⊙ (P V)) = rowsum(dO ⊙ O)``
     * ``S = Q Kᵀ / √D``    ⇒  ``dQ = dS K / √D``,  ``dK = dSᵀ Q / √D``
 
-    Masked scores are constants (−inf); their P is 0 so dS is 0 there too.
+    Masked scores are constants (−inf); their P is 0 so dS is 0 there too
+    (set, not multiplied: a hidden key's dP may be NaN), and the products
+    that sum over keys or queries skip hidden pairs (``_visible_matmul``).
 
-    The flash kernel uses ``rowsum(dP ⊙ P) = rowsum(dO ⊙ O)`` (since
-    ``O = P V``) and recomputes ``P = exp(S − L)`` from the log-sum-exp ``L``.
+    We use ``rowsum(dO ⊙ O)``, as the flash kernels do (they recompute
+    ``P = exp(S − L)`` from the log-sum-exp ``L`` and never hold a row of
+    P): equal in exact arithmetic, and with an infinite dO the same IEEE
+    result as the kernels (``rowsum(dP ⊙ P)`` would split the inf over the
+    keys and could meet +inf − inf where ``dO ⊙ O`` does not).
     """
-    q3, k3, v3, p, scale, q_shape, k_shape = cache
+    q3, k3, v3, p, scale, q_shape, k_shape, a3, out = cache
     B, H, Tq, D = q_shape
     Tk = k_shape[2]
     do3 = dout.reshape(B * H, Tq, D)
     p3 = p.reshape(B * H, Tq, Tk)
+    a3t = None if a3 is None else a3.transpose(0, 2, 1)        # (BH, Tk, Tq)
     dp = backend.matmul(do3, v3, trans_b=True)                  # (BH, Tq, Tk)  dO Vᵀ
-    dv = backend.matmul(p3, do3, trans_a=True)                  # (BH, Tk, D)   Pᵀ dO
-    ds = softmax_op.backward(dp, p3) * p3.dtype.type(scale)     # (BH, Tq, Tk)  softmax backward, then 1/√D
-    dq = backend.matmul(ds, k3)                                 # (BH, Tq, D)   dS K
-    dk = backend.matmul(ds, q3, trans_a=True)                   # (BH, Tk, D)   dSᵀ Q
+    dv = _visible_matmul(p3.transpose(0, 2, 1), do3, a3t)       # (BH, Tk, D)   Pᵀ dO
+    delta = np.sum(do3 * out.reshape(B * H, Tq, D), axis=-1, keepdims=True)  # (BH, Tq, 1) rowsum(dO ⊙ O)
+    with np.errstate(invalid="ignore"):
+        ds = p3 * (dp - delta) * p3.dtype.type(scale)          # (BH, Tq, Tk)  softmax backward, then 1/√D
+    if a3 is not None:
+        ds = np.where(a3, ds, 0).astype(ds.dtype, copy=False)  # hidden: 0, even in a NaN row
+    dq = _visible_matmul(ds, k3, a3)                            # (BH, Tq, D)   dS K
+    dk = _visible_matmul(ds.transpose(0, 2, 1), q3, a3t)        # (BH, Tk, D)   dSᵀ Q
     return dq.reshape(q_shape), dk.reshape(k_shape), dv.reshape(k_shape)

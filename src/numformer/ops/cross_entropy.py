@@ -100,5 +100,6 @@ def backward_reference(dloss: float, cache) -> np.ndarray:
     z, safe_y, valid, count, shape = cache
     dz = backend.softmax(z)                                      # (N, V) recomputed, not cached
     dz[np.arange(z.shape[0]), safe_y] -= 1.0
-    dz *= (dloss / max(count, 1)) * valid[:, None]
+    dz *= dloss / max(count, 1)
+    dz = np.where(valid[:, None], dz, 0)                         # ignored rows: 0, even where z is NaN
     return dz.reshape(shape).astype(z.dtype, copy=False)
