@@ -32,6 +32,12 @@
 // only tiles crossing it are masked element-wise. A query with no visible
 // key keeps m = −inf, l = 0: we use 0 in place of m' inside exp (so no
 // −inf − (−inf) = NaN appears) and write O = 0, L = −inf.
+// Non-finite inputs follow the reference (docs/kernels.md): NaN and +inf
+// scores reach l through exp (NaN), so O and L come out NaN for that query;
+// a query that sees keys whose scores are all −inf ends with l = 0 and gets
+// O = L = NaN (0/0), told apart from one that sees no key by the masks, not
+// by l. Hidden keys' V rows never enter O: a masked tile whose V rows are
+// not all finite takes an exact loop that skips the hidden pairs.
 // The rescale α·Oᵀ is applied as the PV GEMM stores its tile (C = α·C + acc,
 // one FMA), and only when some lane's max moved.
 //
@@ -55,7 +61,10 @@
 // its key tiles with a private dQ that is summed afterwards in a fixed order
 // — so no two threads ever write the same memory and the result does not
 // depend on the thread count. For L = −inf (a query that saw nothing) we use
-// L = +inf, so every recomputed P of that query is exactly 0.
+// L = +inf, so every recomputed P of that query is exactly 0. In a masked
+// tile, P and dS are set to 0 at hidden pairs after they are computed (a
+// NaN L or dP must not stay there), and the dV, dK, dQ products skip hidden
+// pairs when dO, Q or K rows of the tile are not finite (block_gemm_masked).
 #include "cpu/attention.h"
 
 #include <algorithm>
@@ -240,25 +249,64 @@ NF_INLINE void block_gemm(index_t M, index_t N, index_t np, const typename C::T*
     }
 }
 
-// Hide, in the nk × W score tile st (row stride kBr) for queries i0.. and keys
-// j0.., what the masks hide. Returns false when every key of the tile is
-// hidden by the padding mask (the caller then skips the tile).
+// Set, in the nk × W tile st (row stride kBr) for queries i0.. and keys j0..,
+// what the masks hide to `fill`: −inf in a score tile (forward), 0 in a P or
+// dS tile (backward: a select, not a multiply, so a NaN there cannot stay).
 template <typename T>
-NF_INLINE void causal_mask(T* st, index_t nk, index_t W, index_t i0, index_t j0, index_t off) {
+NF_INLINE void causal_mask(T* st, index_t nk, index_t W, index_t i0, index_t j0, index_t off, T fill) {
     // Query i0+i sees key j0+j iff j0+j ≤ i0+i+off, i.e. i ≥ j0+j−off−i0.
-    const T neg_inf = -std::numeric_limits<T>::infinity();
     for (index_t j = 0; j < nk; ++j) {
         const index_t hidden = std::min<index_t>(W, j0 + j - off - i0);  // lanes 0..hidden-1
-        for (index_t i = 0; i < hidden; ++i) st[j * kBr + i] = neg_inf;
+        for (index_t i = 0; i < hidden; ++i) st[j * kBr + i] = fill;
     }
 }
 
 template <typename T>
-NF_INLINE void padding_mask(T* st, index_t nk, index_t W, const std::uint8_t* km) {
-    const T neg_inf = -std::numeric_limits<T>::infinity();
+NF_INLINE void padding_mask(T* st, index_t nk, index_t W, const std::uint8_t* km, T fill) {
     for (index_t j = 0; j < nk; ++j)
         if (!km[j])
-            for (index_t i = 0; i < W; ++i) st[j * kBr + i] = neg_inf;
+            for (index_t i = 0; i < W; ++i) st[j * kBr + i] = fill;
+}
+
+// May query i see key j (absolute positions)?
+struct Visible {
+    bool causal;
+    index_t off;              // Tk − Tq
+    const std::uint8_t* km;   // this batch row's key mask, or null
+    bool operator()(index_t i, index_t j) const {
+        return (!causal || j <= i + off) && (km == nullptr || km[j] != 0);
+    }
+};
+
+// Non-finite inputs (docs/kernels.md): a hidden key does not exist for the
+// query, so in a partly masked tile the products that sum over keys or
+// queries must skip the hidden pairs — P = 0 there, but 0·inf and 0·NaN are
+// NaN. The fast GEMMs multiply every pair, which is exact whenever the other
+// operand's rows in the tile are finite; this checks that (x·0 is 0 only for
+// finite x; an integer OR, so it vectorises) before a masked tile's GEMM.
+template <typename T>
+bool rows_nonfinite(const T* x, index_t st, index_t n, index_t D) {
+    unsigned bad = 0;
+    for (index_t r = 0; r < n; ++r)
+        for (index_t d = 0; d < D; ++d) bad |= unsigned(!(x[r * st + d] * T(0) == T(0)));
+    return bad != 0;
+}
+
+// block_gemm's C[r][c] (+)= Σ_p A(r, p) · B[p][c] (with the same α rescale
+// cs), summing only the terms `keep(r, p, c)` allows: the exact form for a
+// masked tile whose operand rows hold inf or NaN. Plain loops: it runs only
+// for such tiles.
+template <typename T, class Keep>
+void block_gemm_masked(index_t M, index_t N, index_t np, const T* a, index_t ars, index_t aps, const T* b,
+                       index_t ldb, T* c, index_t ldc, bool accumulate, const T* cs, Keep keep) {
+    for (index_t r = 0; r < M; ++r)
+        for (index_t col = 0; col < N; ++col) {
+            T acc = T(0);
+            for (index_t p = 0; p < np; ++p)
+                if (keep(r, p, col)) acc += a[r * ars + p * aps] * b[p * ldb + col];
+            T& cr = c[r * ldc + col];
+            cr = accumulate ? (cs != nullptr ? cr * cs[col] : cr) + acc : acc;
+        }
 }
 
 // Padding-mask summary of keys [j0, j0+nk): 0 = all hidden, 1 = some hidden, 2 = none.
@@ -469,6 +517,7 @@ NF_INLINE void forward_task(const AttentionProblem<typename C::T>& P, index_t bh
     const T* kh = P.k.head(b, h);
     const T* vh = P.v.head(b, h);
     const std::uint8_t* km = P.key_mask != nullptr ? P.key_mask + b * Tk : nullptr;
+    const Visible vis{P.causal, off, km};
     // Keys any query of this tile may see: [0, j_end).
     const index_t j_end = P.causal ? std::min<index_t>(Tk, i0 + nq + off) : Tk;
     bool first = true;
@@ -479,33 +528,46 @@ NF_INLINE void forward_task(const AttentionProblem<typename C::T>& P, index_t bh
 
         // Sᵀ = K_j · (s·Qᵀ)                              (nk × W)
         block_gemm<C>(nk, W, D, kh + j0 * P.k.st, P.k.st, 1, qt_, kBr, st, kBr, false);
-        if (P.causal && j0 + nk - 1 > i0 + off) causal_mask(st, nk, W, i0, j0, off);
-        if (pad == 1) padding_mask(st, nk, W, km + j0);
+        const bool crosses = P.causal && j0 + nk - 1 > i0 + off;
+        if (crosses) causal_mask(st, nk, W, i0, j0, off, neg_inf);
+        if (pad == 1) padding_mask(st, nk, W, km + j0, neg_inf);
 
         // Online softmax, lane-wise over the queries.
         const bool rescale = online_softmax_step<C>(st, nk, W, m, l, alpha, sw);
         // Oᵀ = α ⊙ Oᵀ + V_jᵀ · Pᵀ                      (D × W), p = key
         // (α applied as the GEMM stores, not by a pass of its own over Oᵀ;
         // when no max moved, α = 1 in every lane and it is skipped.)
-        block_gemm<C>(D, W, nk, vh + j0 * P.v.st, 1, P.v.st, st, kBr, ot, kBr, !first,
-                      rescale ? alpha : nullptr);
+        const T* vj = vh + j0 * P.v.st;
+        if ((crosses || pad == 1) && rows_nonfinite(vj, P.v.st, nk, D))  // a hidden v may be inf/NaN
+            block_gemm_masked<T>(D, W, nk, vj, 1, P.v.st, st, kBr, ot, kBr, !first, rescale ? alpha : nullptr,
+                              [&](index_t, index_t j, index_t i) { return vis(i0 + i, j0 + j); });
+        else
+            block_gemm<C>(D, W, nk, vj, 1, P.v.st, st, kBr, ot, kBr, !first, rescale ? alpha : nullptr);
         first = false;
     }
 
-    // O = Oᵀᵀ / l ; L = m + log l   (no visible key: O = 0, L = −inf)
+    // O = Oᵀᵀ / l ; L = m + log l. A query with no visible key: O = 0,
+    // L = −inf. One whose visible scores were all −inf has l = 0: 0/0, so
+    // O = NaN, L = NaN (docs/kernels.md, non-finite inputs); NaN and +inf
+    // scores made l NaN already. (l > 0 and finite otherwise.)
+    index_t first_key = 0;  // the first key the padding mask lets through (Tk: none)
+    if (km != nullptr)
+        while (first_key < Tk && km[first_key] == 0) ++first_key;
     T* oh = out + (bh * Tq + i0) * D;
     T* lh = lse + bh * Tq + i0;
     T* NF_RESTRICT inv = alpha;  // 1/l, or 0 where nothing was seen
+    T* NF_RESTRICT sees = sw;     // 1 where the query sees some key, else 0
     for (index_t i = 0; i < nq; ++i) {
-        const bool seen = !first && l[i] > T(0);
-        inv[i] = seen ? T(1) / l[i] : T(0);
-        lh[i] = seen ? m[i] + std::log(l[i]) : neg_inf;
+        const bool any = first_key < Tk && (!P.causal || first_key <= i0 + i + off);
+        sees[i] = any ? T(1) : T(0);
+        inv[i] = any ? T(1) / l[i] : T(0);
+        lh[i] = !any ? neg_inf : l[i] == T(0) ? std::numeric_limits<T>::quiet_NaN() : m[i] + std::log(l[i]);
     }
-    if (first)  // no key tile visited: Oᵀ was never written
+    if (first)  // no key tile visited (so no query sees a key): Oᵀ was never written
         std::fill(ot, ot + D * kBr, T(0));
     else  // a select, not × 0: an unseen lane's Oᵀ may hold inf or NaN
         for (index_t d = 0; d < D; ++d)
-            for (index_t i = 0; i < nq; ++i) ot[d * kBr + i] = l[i] > T(0) ? ot[d * kBr + i] * inv[i] : T(0);
+            for (index_t i = 0; i < nq; ++i) ot[d * kBr + i] = sees[i] != T(0) ? ot[d * kBr + i] * inv[i] : T(0);
     transpose_scaled<C>(ot, kBr, D, nq, T(1), oh, D);
 }
 
@@ -553,6 +615,7 @@ NF_INLINE void backward_task(const AttentionProblem<typename C::T>& P,
     const T* oh = O.head(b, h);
     const T* doh = dO.head(b, h);
     const std::uint8_t* km = P.key_mask != nullptr ? P.key_mask + b * Tk : nullptr;
+    const Visible vis{P.causal, off, km};
 
     // Qᵀ and dOᵀ rows are ldt apart: kMaxLanes more than needed, so that rows
     // are not a multiple of 4 KiB apart (which would make a B panel of the
@@ -622,24 +685,44 @@ NF_INLINE void backward_task(const AttentionProblem<typename C::T>& P,
             for (index_t i0 = (i_first / kBr) * kBr; i0 < Tq; i0 += kBr) {
                 const index_t nq = std::min<index_t>(kBr, Tq - i0);
                 const index_t W = round_up(nq, C::VL);
-                // Sᵀ = K_j · (s·Qᵀ), masked, then Pᵀ = exp(Sᵀ − L)   (nk × W)
+                // Sᵀ = K_j · (s·Qᵀ), then Pᵀ = exp(Sᵀ − L), masked   (nk × W)
+                // (masked after exp, to exact zeros: a row with L = NaN
+                // would give exp(−inf − NaN) = NaN for its hidden keys)
                 block_gemm<C>(nk, W, D, kh + j0 * P.k.st, P.k.st, 1, qt_ + i0, ldt, st, kBr, false);
-                if (P.causal && j0 + nk - 1 > i0 + off) causal_mask(st, nk, W, i0, j0, off);
-                if (pad == 1) padding_mask(st, nk, W, km + j0);
                 for (index_t j = 0; j < nk; ++j)
                     for (index_t i = 0; i < W; ++i) st[j * kBr + i] = vexp(st[j * kBr + i] - lb[i0 + i]);
+                const bool crosses = P.causal && j0 + nk - 1 > i0 + off;
+                if (crosses) causal_mask(st, nk, W, i0, j0, off, T(0));
+                if (pad == 1) padding_mask(st, nk, W, km + j0, T(0));
+                const bool masked = crosses || pad == 1;
+                // In a masked tile, hidden pairs are skipped where the other
+                // operand is not finite (see rows_nonfinite).
+                const auto key_row = [&](index_t j, index_t i, index_t) { return vis(i0 + i, j0 + j); };
+                const auto query_row = [&](index_t i, index_t j, index_t) { return vis(i0 + i, j0 + j); };
                 // dPᵀ = V_j · dOᵀ                                       (nk × W)
                 block_gemm<C>(nk, W, D, vh + j0 * P.v.st, P.v.st, 1, dot_ + i0, ldt, dpt, kBr, false);
                 // dV_j += Pᵀ · dO                                        (nk × Dp), p = query
-                block_gemm<C>(nk, Dp, nq, st, kBr, 1, dor + i0 * ldo, ldo, dva, Dp, true);
-                // s·dSᵀ = s · Pᵀ ⊙ (dPᵀ − D)
+                if (masked && rows_nonfinite(dor + i0 * ldo, ldo, nq, D))
+                    block_gemm_masked<T>(nk, Dp, nq, st, kBr, 1, dor + i0 * ldo, ldo, dva, Dp, true, nullptr, key_row);
+                else
+                    block_gemm<C>(nk, Dp, nq, st, kBr, 1, dor + i0 * ldo, ldo, dva, Dp, true);
+                // s·dSᵀ = s · Pᵀ ⊙ (dPᵀ − D), hidden pairs set to 0 (their dP or D may be NaN)
                 for (index_t j = 0; j < nk; ++j)
                     for (index_t i = 0; i < W; ++i)
                         dpt[j * kBr + i] = P.scale * (st[j * kBr + i] * (dpt[j * kBr + i] - dd[i0 + i]));
+                if (crosses) causal_mask(dpt, nk, W, i0, j0, off, T(0));
+                if (pad == 1) padding_mask(dpt, nk, W, km + j0, T(0));
                 // dK_j += s·dSᵀ · Q                                     (nk × Dp), p = query
-                block_gemm<C>(nk, Dp, nq, dpt, kBr, 1, qr + i0 * ldq, ldq, dka, Dp, true);
+                if (masked && rows_nonfinite(qr + i0 * ldq, ldq, nq, D))
+                    block_gemm_masked<T>(nk, Dp, nq, dpt, kBr, 1, qr + i0 * ldq, ldq, dka, Dp, true, nullptr, key_row);
+                else
+                    block_gemm<C>(nk, Dp, nq, dpt, kBr, 1, qr + i0 * ldq, ldq, dka, Dp, true);
                 // dQ_i += s·dS · K_j                                    (nq × Dp), p = key
-                block_gemm<C>(nq, Dp, nk, dpt, 1, kBr, kr + j0 * ldk, ldk, dqa + i0 * Dp, Dp, true);
+                if (masked && rows_nonfinite(kr + j0 * ldk, ldk, nk, D))
+                    block_gemm_masked<T>(nq, Dp, nk, dpt, 1, kBr, kr + j0 * ldk, ldk, dqa + i0 * Dp, Dp, true, nullptr,
+                                      query_row);
+                else
+                    block_gemm<C>(nq, Dp, nk, dpt, 1, kBr, kr + j0 * ldk, ldk, dqa + i0 * Dp, Dp, true);
             }
         T* dkh = dk + (bh * Tk + j0) * D;
         T* dvh = dv + (bh * Tk + j0) * D;
@@ -686,15 +769,17 @@ NF_INLINE void decode_scores(const T* q, const T* k, index_t kst, index_t D, ind
     for (; j < lim; ++j) s[j] = dot_lanes(q, k + j * kst, D);
 }
 
-// o = inv · Σ_j p_j v_j over keys j < lim (keys with p_j = 0 are skipped, so
-// a hidden key's values never reach o, even when they are not finite).
+// o = inv · Σ_j p_j v_j over the visible keys j < lim (keys the padding
+// mask km hides are skipped, so their values never reach o, even when they
+// are not finite; a visible key with p_j = 0 and v_j inf gives NaN, as in
+// the tiled path and the reference).
 template <typename T>
-NF_INLINE void decode_values(const T* p, const T* v, index_t vst, index_t D, index_t lim, T inv,
-                             T* NF_RESTRICT o) {
+NF_INLINE void decode_values(const T* p, const std::uint8_t* km, const T* v, index_t vst, index_t D, index_t lim,
+                             T inv, T* NF_RESTRICT o) {
     for (index_t d = 0; d < D; ++d) o[d] = T(0);
     for (index_t j = 0; j < lim; ++j) {
         const T pj = p[j];
-        if (pj == T(0)) continue;
+        if (km != nullptr && km[j] == 0) continue;
         const T* NF_RESTRICT vj = v + j * vst;
         for (index_t d = 0; d < D; ++d) o[d] += pj * vj[d];
     }
@@ -753,13 +838,13 @@ void decode_scores_avx2(const float* q, const float* k, index_t kst, index_t D, 
 // o[0 : 8W) = inv · Σ_j p_j v_j[0 : 8W), with the W vectors of o in registers.
 template <int W>
 NF_TARGET("avx2,fma")
-NF_INLINE void decode_values_chunk_avx2(const float* p, const float* v, index_t vst, index_t lim,
-                                        float inv, float* o) {
+NF_INLINE void decode_values_chunk_avx2(const float* p, const std::uint8_t* km, const float* v, index_t vst,
+                                        index_t lim, float inv, float* o) {
     __m256 acc[W];
 #pragma GCC unroll 4
     for (int x = 0; x < W; ++x) acc[x] = _mm256_setzero_ps();
     for (index_t j = 0; j < lim; ++j) {
-        if (p[j] == 0.0f) continue;
+        if (km != nullptr && km[j] == 0) continue;  // hidden: never read (see decode_values)
         const __m256 pj = _mm256_set1_ps(p[j]);
 #pragma GCC unroll 4
         for (int x = 0; x < W; ++x) acc[x] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * vst + 8 * x), acc[x]);
@@ -770,14 +855,14 @@ NF_INLINE void decode_values_chunk_avx2(const float* p, const float* v, index_t 
 }
 
 NF_TARGET("avx2,fma")
-void decode_values_avx2(const float* p, const float* v, index_t vst, index_t D, index_t lim, float inv,
-                        float* o) {
+void decode_values_avx2(const float* p, const std::uint8_t* km, const float* v, index_t vst, index_t D, index_t lim,
+                        float inv, float* o) {
     index_t d = 0;
-    for (; d + 32 <= D; d += 32) decode_values_chunk_avx2<4>(p, v + d, vst, lim, inv, o + d);
+    for (; d + 32 <= D; d += 32) decode_values_chunk_avx2<4>(p, km, v + d, vst, lim, inv, o + d);
     switch ((D - d) / 8) {
-        case 3: decode_values_chunk_avx2<3>(p, v + d, vst, lim, inv, o + d); break;
-        case 2: decode_values_chunk_avx2<2>(p, v + d, vst, lim, inv, o + d); break;
-        case 1: decode_values_chunk_avx2<1>(p, v + d, vst, lim, inv, o + d); break;
+        case 3: decode_values_chunk_avx2<3>(p, km, v + d, vst, lim, inv, o + d); break;
+        case 2: decode_values_chunk_avx2<2>(p, km, v + d, vst, lim, inv, o + d); break;
+        case 1: decode_values_chunk_avx2<1>(p, km, v + d, vst, lim, inv, o + d); break;
         default: break;
     }
 }
@@ -800,13 +885,14 @@ NF_INLINE void decode_scores_for(const T* q, const T* k, index_t kst, index_t D,
 }
 
 template <typename T, bool Fast>
-NF_INLINE void decode_values_for(const T* p, const T* v, index_t vst, index_t D, index_t lim, T inv, T* o) {
+NF_INLINE void decode_values_for(const T* p, const std::uint8_t* km, const T* v, index_t vst, index_t D, index_t lim,
+                                 T inv, T* o) {
 #if NUMFORMER_X86_DISPATCH
     if constexpr (Fast) {
-        if (D % 8 == 0) return decode_values_avx2(p, v, vst, D, lim, inv, o);
+        if (D % 8 == 0) return decode_values_avx2(p, km, v, vst, D, lim, inv, o);
     }
 #endif
-    decode_values(p, v, vst, D, lim, inv, o);
+    decode_values(p, km, v, vst, D, lim, inv, o);
 }
 
 // Forward for a few queries (decoding with a KV cache: Tq = 1 per sequence)
@@ -826,21 +912,25 @@ NF_INLINE void decode_task(const AttentionProblem<T>& P, index_t bh, T* out, T* 
         const index_t lim = P.causal ? std::min<index_t>(Tk, i + off + 1) : Tk;  // keys [0, lim)
         decode_scores_for<T, Fast>(q, kh, P.k.st, D, lim, ws);
         T m = neg_inf;
+        bool any = false;  // a visible key?
         for (index_t j = 0; j < lim; ++j) {
             const bool visible = km == nullptr || km[j] != 0;
             const T sj = visible ? P.scale * ws[j] : neg_inf;
             ws[j] = sj;
-            m = sj > m ? sj : m;
+            m = sj > m ? sj : m;  // a NaN score is skipped here but makes its p, and so l, NaN
+            any |= visible;
         }
-        if (!(m > neg_inf)) {  // no visible key: O = 0, L = −inf
+        if (!any) {  // no visible key: O = 0, L = −inf
             for (index_t d = 0; d < D; ++d) o[d] = T(0);
             lse[bh * Tq + i] = neg_inf;
             continue;
         }
-        for (index_t j = 0; j < lim; ++j) ws[j] = vexp(ws[j] - m);  // hidden keys: exp(−inf) = 0
+        // Hidden keys: exp(−inf − m) = 0. Visible scores all −inf (m = −inf):
+        // −inf − (−inf) = NaN, so o and L are NaN (0/0; docs/kernels.md).
+        for (index_t j = 0; j < lim; ++j) ws[j] = vexp(ws[j] - m);
         const T l = sum_lanes(ws, lim);
         const T inv = T(1) / l;
-        decode_values_for<T, Fast>(ws, vh, P.v.st, D, lim, inv, o);
+        decode_values_for<T, Fast>(ws, km, vh, P.v.st, D, lim, inv, o);
         lse[bh * Tq + i] = m + std::log(l);
     }
 }

@@ -11,6 +11,12 @@
 // giving σ = 1 and gelu(x) = x). The backward recomputes e from x instead
 // of reading a saved tanh: one exp per element is cheaper than a pass over
 // memory. Elements are independent; threads take contiguous pieces.
+// Where vexp's clamp bites (−2u > 88, x < −9.8) σ(2u) < e^−88 is taken as
+// 0, as tanh u = −1 makes it in the NumPy formula: gelu(x) = x · 0 and
+// gelu'(x) = 0 there (the true values are below 1e-37). That also gives
+// non-finite x what the reference gives (docs/kernels.md): gelu(+inf) = +inf,
+// gelu(−inf) = −inf · 0 = NaN, gelu'(±inf) = NaN (inf · 0), and an infinite
+// dout times a gelu' that is 0 is NaN — with σ = e^−88 they were −inf, finite.
 #include "cpu/dispatch.h"
 #include "cpu/fused.h"
 #include "cpu/vexp.h"
@@ -20,6 +26,7 @@ namespace {
 
 constexpr float kK = 0.7978845608028654f;  // √(2/π)
 constexpr float kA = 0.044715f;
+constexpr float kExpMax = ExpTraits<float>::kMaxArg;  // vexp clamps its argument here
 
 struct GeluForward {
     static NF_INLINE void run(const float* x, float* out, index_t i0, index_t i1) {
@@ -28,8 +35,9 @@ struct GeluForward {
         for (index_t i = i0; i < i1; ++i) {
             const float xi = xs[i];
             const float u = kK * (xi + kA * (xi * xi * xi));
-            const float e = vexp(-2.0f * u);
-            ys[i] = xi / (1.0f + e);
+            const float t = -2.0f * u;
+            const float e = vexp(t);
+            ys[i] = t > kExpMax ? xi * 0.0f : xi / (1.0f + e);  // σ = 0 past the clamp
         }
     }
 };
@@ -44,8 +52,9 @@ struct GeluBackward {
             const float xi = xs[i];
             const float x2 = xi * xi;
             const float u = kK * (xi + kA * (x2 * xi));
-            const float e = vexp(-2.0f * u);
-            const float s = 1.0f / (1.0f + e);  // σ(2u)
+            const float t = -2.0f * u;
+            const float e = vexp(t);
+            const float s = t > kExpMax ? 0.0f : 1.0f / (1.0f + e);  // σ(2u)
             const float local = s + 2.0f * xi * s * (e * s) * kK * (1.0f + 3.0f * kA * x2);
             gs[i] = ds[i] * local;
         }
