@@ -9,6 +9,16 @@
 // Visibility: j < Tk; causal: j ≤ i + Tk − Tq; key padding: key_mask[b, j] ≠ 0.
 // A query that sees no key gets O_i = 0, L_i = −inf, and zero gradients.
 //
+// Non-finite inputs follow the NumPy reference (docs/kernels.md): over the
+// visible keys it is IEEE arithmetic (a NaN or +inf score makes the row's
+// l, and so O_i and L_i, NaN; a row that sees keys whose scores are all −inf
+// gets 0/0 = NaN, not the zeros of a row that sees none), and a hidden key
+// does not exist for the query: P and dS are selected to 0 there, and where
+// a tile holds hidden pairs (the diagonal tile, padded keys) and the rows
+// that the P·V, P·dO, dS·Q or dS·K products sum over are not all finite
+// (checked per tile, one warp OR-reduction; 0·inf and 0·NaN are NaN), the
+// product takes a loop that skips the hidden pairs.
+//
 // Forward (one block of 4 warps per tile of BR = 32 queries; each warp owns 8
 // query rows). The block walks key tiles of BC = 32 keys; for each it stages
 // K (transposed) and V in shared memory and, per query row, lane j scores key
@@ -91,6 +101,28 @@ struct Visibility {
     }
 };
 
+// OR of v over the warp.
+__device__ __forceinline__ unsigned warp_or(unsigned v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v |= __shfl_xor_sync(kFullMask, v, offset);
+    return v;
+}
+
+// Bit t (t < 32) set when column t of the shared-memory tile x holds an inf or
+// NaN in any of the warp's rows lane + 32c (c < NDV): for a row-major
+// [32][DP] tile pass (ld = DP, step = 1) — row t, dims lane + 32c — and for
+// a transposed [DP][TS] tile (ld = 1, step = TS) — column t of the dims.
+// x·0 is 0 only for finite x. The access pattern is the products' own.
+template <int NDV>
+__device__ __forceinline__ unsigned nonfinite_bits(const float* x, int ld, int step, int lane) {
+    unsigned bits = 0;
+    for (int t = 0; t < 32; ++t) {
+        float z = 0.0f;
+        for (int c = 0; c < NDV; ++c) z += x[t * ld + (lane + 32 * c) * step] * 0.0f;
+        bits |= (z == 0.0f ? 0u : 1u) << t;
+    }
+    return warp_or(bits);
+}
+
 // Four consecutive floats of a shared-memory row (16-byte aligned: every row
 // stride and tile offset is a multiple of 4 floats). One 128-bit shared load
 // instead of four: the inner loops below are bound by shared-memory
@@ -137,6 +169,7 @@ attention_forward_kernel(AttentionArgs p, float* __restrict__ out, float* __rest
     stage_rows<DP>(Qs, false, Q, q0, p.tq, D, p.scale);  // fold the scale into Q once
 
     float m[kRowsPerWarp], l[kRowsPerWarp], o[kRowsPerWarp][NDV];
+    unsigned seen = 0;  // bit r: this lane's key of some tile was visible to row r
     for (int r = 0; r < kRowsPerWarp; ++r) {
         m[r] = -INFINITY;
         l[r] = 0.0f;
@@ -165,21 +198,36 @@ attention_forward_kernel(AttentionArgs p, float* __restrict__ out, float* __rest
             }
         }
         // Online softmax update, row by row.
+        bool hidden = false;  // a real (query, key) pair of this tile that the masks hide
         for (int r = 0; r < kRowsPerWarp; ++r) {
             const int i = q0 + row0 + r;
-            const float sr = vis(i, j0 + lane) ? s[r] : -INFINITY;
-            const float m_new = fmaxf(m[r], warp_max(sr));
-            float pr = 0.0f, alpha = 1.0f;
-            if (m_new != -INFINITY) {       // something visible so far
-                pr = sr == -INFINITY ? 0.0f : expf(sr - m_new);
-                alpha = expf(m[r] - m_new);  // 0 when m was −inf (o and l are 0 then)
-            }
+            const bool v_ok = vis(i, j0 + lane);
+            seen |= (v_ok ? 1u : 0u) << r;
+            hidden |= !v_ok && i < p.tq && j0 + lane < p.tk;
+            const float sr = v_ok ? s[r] : -INFINITY;
+            // The max leaves a NaN score out (so m is the same in every lane);
+            // the NaN reaches l through its own p. m″ = m' with −inf replaced
+            // by 0: no −inf − (−inf) inside exp while every score so far is −inf.
+            const float m_new = fmaxf(m[r], warp_max(sr == sr ? sr : -INFINITY));
+            const float ms = m_new == -INFINITY ? 0.0f : m_new;
+            const float pr = expf(sr - ms);         // hidden (−inf): 0; NaN score: NaN
+            const float alpha = expf(m[r] - ms);    // 0 when m was −inf (o and l are 0, or NaN, then)
             l[r] = alpha * l[r] + warp_sum(pr);
             m[r] = m_new;
             for (int c = 0; c < NDV; ++c) o[r][c] *= alpha;
             P[r * BC + lane] = pr;
         }
         __syncwarp();
+        // A hidden key's v must not reach o (P = 0 there, but 0·NaN = NaN):
+        // where this tile hides a pair and some v row is not finite, skip them.
+        if (__any_sync(kFullMask, hidden) && nonfinite_bits<NDV>(Vs, DP, 1, lane) != 0) {
+            for (int j = 0; j < BC; ++j)
+                for (int r = 0; r < kRowsPerWarp; ++r)
+                    if (vis(q0 + row0 + r, j0 + j))
+                        for (int c = 0; c < NDV; ++c) o[r][c] += P[r * BC + j] * Vs[j * DP + lane + 32 * c];
+            __syncwarp();
+            continue;
+        }
         // o_i += Σ_j p_ij v_j: lane owns dims d = lane + 32c; p_ij are broadcast
         // reads, 4 keys at a time.
         for (int j = 0; j < BC; j += 4) {
@@ -197,14 +245,17 @@ attention_forward_kernel(AttentionArgs p, float* __restrict__ out, float* __rest
 
     for (int r = 0; r < kRowsPerWarp; ++r) {
         const int i = q0 + row0 + r;
+        const bool any = __any_sync(kFullMask, (seen >> r) & 1u);  // does row i see a key?
         if (i >= p.tq) break;
         const index_t row = index_t(bh) * p.tq + i;
-        const float inv_l = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;  // no visible key: O_i = 0
+        // No visible key: O_i = 0, L_i = −inf. Visible keys but l = 0 (their
+        // scores were all −inf): 0/0, O_i = L_i = NaN. l NaN: NaN through.
+        const float inv_l = 1.0f / l[r];
         for (int c = 0; c < NDV; ++c) {
             const int d = lane + 32 * c;
-            if (d < D) out[row * D + d] = o[r][c] * inv_l;
+            if (d < D) out[row * D + d] = any ? o[r][c] * inv_l : 0.0f;
         }
-        if (lane == 0) lse[row] = l[r] > 0.0f ? m[r] + logf(l[r]) : -INFINITY;
+        if (lane == 0) lse[row] = !any ? -INFINITY : l[r] == 0.0f ? NAN : m[r] + logf(l[r]);
     }
 }
 
@@ -285,12 +336,28 @@ attention_dkdv_kernel(AttentionArgs p, const float* __restrict__ dout, const flo
                 dp[r] += g[0] * vv.x + g[1] * vv.y + g[2] * vv.z + g[3] * vv.w;  // dP_ij = dO_i · V_j
             }
         }
+        bool hidden = false;
         for (int r = 0; r < kRowsPerWarp; ++r) {
-            const float pr = vis(i, k0 + row0 + r) ? expf(s[r] - Li) : 0.0f;
+            const bool v_ok = vis(i, k0 + row0 + r);
+            hidden |= !v_ok && i < p.tq && k0 + row0 + r < p.tk;
+            const float pr = v_ok ? expf(s[r] - Li) : 0.0f;
             P[r * BR + lane] = pr;
-            dS[r * BR + lane] = pr * (dp[r] - Di);
+            dS[r * BR + lane] = v_ok ? pr * (dp[r] - Di) : 0.0f;  // a select: dp or Di may be NaN
         }
         __syncwarp();
+        // Hidden pairs with a non-finite dO or Q row: skip them (see the top).
+        if (__any_sync(kFullMask, hidden) &&
+            (nonfinite_bits<NDV>(dOt, 1, TS, lane) | nonfinite_bits<NDV>(Qt, 1, TS, lane)) != 0) {
+            for (int ii = 0; ii < BR; ++ii)
+                for (int r = 0; r < kRowsPerWarp; ++r)
+                    if (vis(i0 + ii, k0 + row0 + r))
+                        for (int c = 0; c < NDV; ++c) {
+                            acc_dv[r][c] += P[r * BR + ii] * dOt[(lane + 32 * c) * TS + ii];
+                            acc_dk[r][c] += dS[r * BR + ii] * Qt[(lane + 32 * c) * TS + ii];
+                        }
+            __syncwarp();
+            continue;
+        }
         // dV_j += Σ_i P_ij dO_i, dK_j += Σ_i dS_ij (s·Q_i): lane owns dims lane + 32c.
         for (int ii = 0; ii < BR; ii += 4) {
             float g[4][NDV], q[4][NDV];
@@ -382,11 +449,23 @@ attention_dq_kernel(AttentionArgs p, const float* __restrict__ dout, const float
                 dp[r] += g.x * vd[0] + g.y * vd[1] + g.z * vd[2] + g.w * vd[3];
             }
         }
+        bool hidden = false;
         for (int r = 0; r < kRowsPerWarp; ++r) {
-            const float pr = vis(q0 + row0 + r, j0 + lane) ? expf(s[r] - Li[r]) : 0.0f;
-            dS[r * BC + lane] = pr * (dp[r] - Di[r]);
+            const bool v_ok = vis(q0 + row0 + r, j0 + lane);
+            hidden |= !v_ok && q0 + row0 + r < p.tq && j0 + lane < p.tk;
+            const float pr = v_ok ? expf(s[r] - Li[r]) : 0.0f;
+            dS[r * BC + lane] = v_ok ? pr * (dp[r] - Di[r]) : 0.0f;
         }
         __syncwarp();
+        // Hidden pairs with a non-finite K row: skip them (see the top).
+        if (__any_sync(kFullMask, hidden) && nonfinite_bits<NDV>(Kt, 1, TS, lane) != 0) {
+            for (int j = 0; j < BC; ++j)
+                for (int r = 0; r < kRowsPerWarp; ++r)
+                    if (vis(q0 + row0 + r, j0 + j))
+                        for (int c = 0; c < NDV; ++c) acc[r][c] += dS[r * BC + j] * Kt[(lane + 32 * c) * TS + j];
+            __syncwarp();
+            continue;
+        }
         // dQ_i += Σ_j dS_ij K_j (times s at the end): lane owns dims lane + 32c.
         for (int j = 0; j < BC; j += 4) {
             float kj[4][NDV];

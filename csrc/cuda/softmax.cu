@@ -44,12 +44,14 @@ __device__ __forceinline__ const float* mask_row(const SoftmaxMask& mk, index_t 
     return mk.data + off;
 }
 
-// Merge the online pair (m2, s2) into (m, s). A side with m = −inf holds no
-// mass (s = 0) and must not contribute e^{−inf − M} · 0 = NaN when M = −inf.
+// Merge the online pair (m2, s2) into (m, s). A side with no mass (s = 0,
+// m = −inf) must not contribute e^{−inf − M} · 0 = NaN when M = −inf. A side
+// with m = −inf and s = NaN (it saw a NaN logit and nothing above −inf) is
+// not empty: its NaN must reach the row (it did not, when the test was on m).
 __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
     const float M = m2 > m ? m2 : m;
-    const float a = (m == -INFINITY) ? 0.0f : s * expf(m - M);
-    const float b = (m2 == -INFINITY) ? 0.0f : s2 * expf(m2 - M);
+    const float a = (s == 0.0f) ? 0.0f : s * expf(m - M);
+    const float b = (s2 == 0.0f) ? 0.0f : s2 * expf(m2 - M);
     m = M;
     s = a + b;
 }
@@ -120,11 +122,13 @@ softmax_forward_kernel(const float* __restrict__ x, float* __restrict__ y, index
         // definition (exp(x − max) with max = +inf) makes the whole row NaN.
         if (m == INFINITY) s = NAN;
 
-        // Pass 2: write y. Fully masked (m = −inf): zeros.
+        // Pass 2: write y. Fully masked (m = −inf, s = 0): zeros. (m = −inf
+        // with s = NaN — NaN logits, the rest −inf — goes on and writes NaN.)
         const float inv_s = 1.0f / s;
+        const bool empty = m == -INFINITY && s == 0.0f;
         for (index_t j0 = W * lane; j0 < n; j0 += 32 * W) {
             float out[W];
-            if (m == -INFINITY) {
+            if (empty) {
 #pragma unroll
                 for (int t = 0; t < W; ++t) out[t] = 0.0f;
             } else {
