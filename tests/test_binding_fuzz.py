@@ -74,14 +74,6 @@ def softmax_rows(z):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def is_int64(v) -> bool:
-    return -2**63 <= v < 2**63
-
-
-def is_int32(v) -> bool:
-    return -2**31 <= v < 2**31
-
-
 # ----------------------------------------------------------------------------- _cpu cases
 
 def cpu_embedding_backward(m, pos0=0):
@@ -488,6 +480,22 @@ def test_extreme_integers_hypothesis(module):
     from hypothesis import settings
     examples = int(os.environ.get("NUMFORMER_FUZZ_EXAMPLES", max(5, settings.default.max_examples // 10)))
     run_child("hypothesis", module, str(examples))
+
+
+def test_cuda_shapes_and_counts_are_checked_before_the_device():
+    """numformer._cuda (built where nvcc is): a DeviceArray's byte count is checked before
+    cudaMalloc (a wrapped count would allocate a small block for a huge shape), and the
+    benchmark counts are bounded; all before asking for a device, so this runs without one."""
+    cuda = _module("_cuda")
+    for shape in ([2**62, 4], [2**31, 2**31, 2**31], [-1], [2**63 - 1, 2]):
+        with pytest.raises(ValueError, match="DeviceArray|negative"):
+            cuda.empty(shape)
+    for iters in (0, -1, 2**24 + 1, 2**31 - 1):
+        with pytest.raises(ValueError, match="iters"):
+            cuda.measure_fma_peak(iters)
+    for repeat in (0, 10001, 2**31 - 1):
+        with pytest.raises(ValueError, match="repeat"):
+            cuda.measure_copy_bandwidth(1 << 20, repeat)
 
 
 # The issue's reproducers, each in a child of its own.

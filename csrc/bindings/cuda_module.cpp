@@ -236,10 +236,10 @@ PYBIND11_MODULE(_cuda, m) {
     m.def("measure_copy_bandwidth", [](std::size_t nbytes, int repeat) {
         // Device-to-device copies timed with events: bytes read + written per
         // second, the ceiling a memory-bound kernel (softmax) is measured against.
-        require_device();
         if (nbytes == 0 || repeat < 1 || repeat > 10000)
             throw py::value_error("measure_copy_bandwidth: nbytes must be > 0 and repeat in [1, 10000], got " +
                                   std::to_string(nbytes) + " and " + std::to_string(repeat));
+        require_device();
         void *a = nullptr, *b = nullptr;
         check(cudaMalloc(&a, nbytes), "cudaMalloc");
         std::unique_ptr<void, void (*)(void*)> ga(a, [](void* p) { cudaFree(p); });

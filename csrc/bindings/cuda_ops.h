@@ -101,10 +101,13 @@ inline py::array_t<std::int32_t> checked_ids(const py::object& obj, const std::s
     py::array_t<std::int32_t> ids({a.shape(0), a.shape(1)});
     const std::int64_t* src = wide.data();
     std::int32_t* dst = ids.mutable_data();
+    // The kernels take int32 ids: a vocabulary past 2**31 - 1 rows (an empty (V, 0) wte)
+    // must not let an id through that the narrowing below would change.
+    const index_t limit = vocab < kInt32Max ? vocab : kInt32Max;
     for (py::ssize_t i = 0; i < wide.size(); ++i) {
-        if (src[i] < 0 || src[i] >= vocab)
+        if (src[i] < 0 || src[i] >= limit)
             value_error(fn, "token id " + std::to_string(src[i]) + " at position (" + std::to_string(i / a.shape(1)) +
-                                ", " + std::to_string(i % a.shape(1)) + ") is outside [0, " + std::to_string(vocab) + ")");
+                                ", " + std::to_string(i % a.shape(1)) + ") is outside [0, " + std::to_string(limit) + ")");
         dst[i] = std::int32_t(src[i]);
     }
     return ids;
@@ -395,11 +398,12 @@ copy of the prefix). causal: query i sees key j iff j <= i + length - Tq.)doc");
                                     " must be " + shape_str(sc) + " for x " + shape_str(sx));
             if (!(eps > 0.0) || !std::isfinite(eps)) value_error(fn, "eps must be a positive finite number");
             const index_t C = sx.back(), rows = C ? numel(sx) / C : 0;
+            const int c32 = to_int(C, fn, "C");
             Array y = Policy::empty(sx);
             {
                 py::gil_scoped_release nogil;
                 nc::layernorm_forward(Policy::cdata(x), Policy::cdata(g), Policy::cdata(b), Policy::data(y), rows,
-                                      to_int(C, fn, "C"), float(eps));
+                                      c32, float(eps));
                 Policy::sync(fn);
             }
             return Policy::to_py(y);
