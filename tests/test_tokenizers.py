@@ -284,8 +284,8 @@ def _good_bpe() -> dict:
 @pytest.mark.parametrize(
     "content, problem",
     [
-        ("{not json", "not valid UTF-8 JSON"),
-        (b"\xff\xfe{}", "not valid UTF-8 JSON"),
+        ("{not json", "line 1: not valid JSON"),
+        (b"\xff\xfe{}", "not valid UTF-8"),
         ("[1, 2]", "expected a JSON object"),
         ({"merges": []}, "missing the 'kind' field"),
         ({**_good_bpe(), "kind": "sentencepiece"}, "unknown kind 'sentencepiece'"),

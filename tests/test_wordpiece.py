@@ -106,7 +106,7 @@ def test_malformed_tokenizer_json_names_file_and_problem(tmp_path, mutate, messa
 def test_malformed_files(tmp_path):
     bad = tmp_path / "tokenizer.json"
     bad.write_bytes(b"{not json")
-    with pytest.raises(ValueError, match="not valid UTF-8 JSON"):
+    with pytest.raises(ValueError, match="tokenizer.json: line 1: not valid JSON"):
         WordPieceTokenizer.from_tokenizer_json(bad)
     vocab = tmp_path / "vocab.txt"
     vocab.write_bytes(b"[UNK]\nhello\nhello\n")

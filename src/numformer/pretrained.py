@@ -22,16 +22,16 @@ GPT-2 (``GPT2LMHeadModel`` / ``GPT2Model``, any size)
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import numpy as np
 
-from numformer import safetensors
+from numformer import jsonfile, safetensors
 from numformer.checkpoint import CheckpointError
 from numformer.fileio import atomic_directory, atomic_write_json
-from numformer.models.gpt2 import ACTIVATIONS, GPT2, GPT2Config, param_shapes
+from numformer.configcheck import check_keys
+from numformer.models.gpt2 import ACTIVATIONS, GPT2, HF_GPT2_KEYS, GPT2Config, param_shapes
 from numformer.params import ParamLayout
 
 __all__ = ["PretrainedError", "from_pretrained", "load_gpt2", "save_pretrained", "load_tokenizer",
@@ -49,6 +49,10 @@ class PretrainedError(CheckpointError):
     """A pretrained folder that cannot be loaded: names the file and the problem."""
 
 
+def _pretrained_error(file: str, problem: str) -> PretrainedError:
+    return PretrainedError(f"{file}: {problem}")
+
+
 # ----------------------------------------------------------------------------- entry points
 
 
@@ -59,11 +63,7 @@ def read_config(path: str) -> dict:
     file = os.path.join(path, CONFIG)
     if not os.path.exists(file):
         raise PretrainedError(f"{path}: no {CONFIG}; a Hugging Face model folder needs one")
-    try:
-        with open(file, encoding="utf-8") as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PretrainedError(f"{file}: not valid JSON ({exc})") from None
+    d = jsonfile.load(file, error=_pretrained_error)
     if not isinstance(d, dict):
         raise PretrainedError(f"{file}: expected a JSON object, got {type(d).__name__}")
     return d
@@ -137,8 +137,7 @@ def _is_wordpiece_json(file: str) -> bool:
     if not os.path.isfile(file):
         return False
     try:
-        with open(file, encoding="utf-8") as f:
-            d = json.load(f)
+        d = jsonfile.load(file)
     except (OSError, ValueError):
         return False                      # let the BPE reader report what is wrong with it
     model = d.get("model") if isinstance(d, dict) else None
@@ -157,20 +156,29 @@ def _load_wordpiece(path: str):
 def gpt2_config_from_hf(d: dict, source: str = CONFIG) -> GPT2Config:
     """A :class:`GPT2Config` from a Hugging Face GPT-2 ``config.json`` dict.
 
-    Refuses (naming the key) the options that change the math in ways
-    numformer's GPT-2 does not implement.
+    Every key that is read is checked (type and range, :data:`HF_GPT2_KEYS`
+    and the fields of :class:`GPT2Config`); the options that change the math
+    in ways numformer's GPT-2 does not implement are refused, naming the key.
     """
+    if not isinstance(d, dict):
+        raise PretrainedError(f"{source}: expected a JSON object, got {type(d).__name__}")
     archs = d.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise PretrainedError(f"{source}: architectures must be a list of names, got {archs!r:.80}")
     unknown = [a for a in archs if a not in GPT2_ARCHITECTURES]
     if unknown:
         raise PretrainedError(f"{source}: unknown architecture {unknown[0]!r} (supported for gpt2: "
                               f"{', '.join(GPT2_ARCHITECTURES)})")
     if d.get("model_type", "gpt2") != "gpt2":
         raise PretrainedError(f"{source}: model_type {d.get('model_type')!r} is not gpt2")
+    try:
+        extra = check_keys(d, HF_GPT2_KEYS, source)
+    except ValueError as exc:
+        raise PretrainedError(str(exc)) from None
     unsupported = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                    "add_cross_attention": False, "tie_word_embeddings": True}
     for key, expected in unsupported.items():
-        if key in d and d[key] != expected:
+        if key in extra and extra[key] != expected:
             raise PretrainedError(f"{source}: {key}={d[key]!r} is not supported (numformer's GPT-2 "
                                   f"implements {key}={expected!r})")
     act = d.get("activation_function", "gelu_new")
@@ -182,9 +190,14 @@ def gpt2_config_from_hf(d: dict, source: str = CONFIG) -> GPT2Config:
           "layer_norm_epsilon": d.get("layer_norm_epsilon", 1e-5), "activation_function": act,
           "n_inner": d.get("n_inner"), "dropout": d.get("resid_pdrop", 0.0)}
     try:
-        return GPT2Config(**kw).validate()
+        cfg = GPT2Config(**kw).validate()
     except (TypeError, ValueError) as exc:
         raise PretrainedError(f"{source}: bad GPT-2 config ({exc})") from None
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if extra.get(key) is not None and extra[key] >= cfg.vocab_size:
+            raise PretrainedError(f"{source}: {key} must be a token id below vocab_size ({cfg.vocab_size}) "
+                                  f"or null, got {extra[key]!r}")
+    return cfg
 
 
 def gpt2_config_to_hf(cfg: GPT2Config, base: dict | None = None) -> dict:
@@ -214,10 +227,9 @@ def _weight_files(path: str) -> list[str]:
     index = os.path.join(path, WEIGHTS_INDEX)
     if os.path.exists(index):
         try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = jsonfile.load(index, error=_pretrained_error)["weight_map"]
             files = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise PretrainedError(f"{index}: not a valid safetensors index ({exc})") from None
         for name in files:
             if not isinstance(name, str) or os.path.basename(name) != name:
@@ -279,10 +291,11 @@ def read_gpt2_weights(path: str, cfg: GPT2Config, layout: ParamLayout, dtype=np.
     :func:`_check_tied`.
     """
     files = _weight_files(path)
-    flat = np.empty(layout.size, dtype=dtype)
+    # Pass 1: every header, checked against the layout, before anything is allocated -- a
+    # config.json that claims a huge model next to a small file fails here, not in np.empty.
+    plan = []                           # (file, data_start, [(fname, name, entry), ...])
     filled: set[str] = set()
     lm_head = None                      # (file, entry, data_start) of an lm_head.weight, checked at the end
-    direct = np.dtype(dtype) == np.float32 and sys.byteorder == "little"
     for file in files:
         if not os.path.exists(file):
             raise PretrainedError(f"{file}: weight file is missing")
@@ -292,25 +305,40 @@ def read_gpt2_weights(path: str, cfg: GPT2Config, layout: ParamLayout, dtype=np.
             raise PretrainedError(str(exc)) from None
         with open(file, "rb") as f:
             data_start = 8 + int.from_bytes(f.read(8), "little")
-            for fname, e in entries.items():
-                name = _hf_name(fname)
-                if name is None:
-                    continue
-                if name == "lm_head.weight":
-                    lm_head = (file, fname, e, data_start)
-                    continue
-                if name not in layout:
-                    raise PretrainedError(f"{file}: unexpected tensor {fname!r}; a GPT-2 with {CONFIG}'s "
-                                          f"n_layer={cfg.n_layer} has no such weight")
-                if name in filled:
-                    raise PretrainedError(f"{file}: tensor {fname!r} appears twice (with and without prefix?)")
-                want = layout.shapes[name]
-                if tuple(e["shape"]) != want:
-                    raise PretrainedError(f"{file}: tensor {fname!r} has shape {tuple(e['shape'])}, but "
-                                          f"{CONFIG} (n_embd={cfg.n_embd}, vocab_size={cfg.vocab_size}, "
-                                          f"n_positions={cfg.n_positions}, n_inner={cfg.inner}) needs {want}")
-                if e["dtype"] not in ("F32", "F16", "BF16", "F64"):
-                    raise PretrainedError(f"{file}: tensor {fname!r} has dtype {e['dtype']}, not a float type")
+        todo = []
+        for fname, e in entries.items():
+            name = _hf_name(fname)
+            if name is None:
+                continue
+            if name == "lm_head.weight":
+                lm_head = (file, fname, e, data_start)
+                continue
+            if name not in layout:
+                raise PretrainedError(f"{file}: unexpected tensor {fname!r}; a GPT-2 with {CONFIG}'s "
+                                      f"n_layer={cfg.n_layer} has no such weight")
+            if name in filled:
+                raise PretrainedError(f"{file}: tensor {fname!r} appears twice (with and without prefix?)")
+            want = layout.shapes[name]
+            if tuple(e["shape"]) != want:
+                raise PretrainedError(f"{file}: tensor {fname!r} has shape {tuple(e['shape'])}, but "
+                                      f"{CONFIG} (n_embd={cfg.n_embd}, vocab_size={cfg.vocab_size}, "
+                                      f"n_positions={cfg.n_positions}, n_inner={cfg.inner}) needs {want}")
+            if e["dtype"] not in ("F32", "F16", "BF16", "F64"):
+                raise PretrainedError(f"{file}: tensor {fname!r} has dtype {e['dtype']}, not a float type")
+            filled.add(name)
+            todo.append((fname, name, e))
+        plan.append((file, data_start, todo))
+    missing = [n for n in layout if n not in filled]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise PretrainedError(f"{', '.join(files)}: missing tensor {missing[0]!r}{more} "
+                              f"(also looked for 'transformer.{missing[0]}')")
+    # Pass 2: the values (every tensor of the layout is in a file, so the buffer is needed).
+    flat = np.empty(layout.size, dtype=dtype)
+    direct = np.dtype(dtype) == np.float32 and sys.byteorder == "little"
+    for file, data_start, todo in plan:
+        with open(file, "rb") as f:
+            for fname, name, e in todo:
                 begin, end = layout.offsets[name]
                 if direct and e["dtype"] == "F32":
                     # straight from the file into the flat buffer
@@ -320,12 +348,6 @@ def read_gpt2_weights(path: str, cfg: GPT2Config, layout: ParamLayout, dtype=np.
                         raise PretrainedError(f"{file}: tensor {fname!r}: short read (file changed while reading?)")
                 else:
                     flat[begin:end] = _read_tensor(f, file, fname, e, data_start).reshape(-1)
-                filled.add(name)
-    missing = [n for n in layout if n not in filled]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise PretrainedError(f"{', '.join(files)}: missing tensor {missing[0]!r}{more} "
-                              f"(also looked for 'transformer.{missing[0]}')")
     return flat, lm_head
 
 

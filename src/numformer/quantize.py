@@ -385,14 +385,18 @@ def _check_entry(entry, where: str) -> bool:
     if entry.get("method") != METHOD:
         raise CheckpointError(f"{where}: unknown quantization method {entry.get('method')!r} "
                               f"(numformer reads {METHOD!r})")
-    version = entry.get("format_version")
-    if isinstance(version, bool) or version not in READ_VERSIONS or entry.get("bits") != 8:
+    version, bits = entry.get("format_version"), entry.get("bits")
+    if not _is_int(version) or version not in READ_VERSIONS or not _is_int(bits) or bits != 8:
         raise CheckpointError(f"{where}: unsupported quantization format_version={version!r}, "
                               f"bits={entry.get('bits')!r} (numformer reads versions "
                               f"{', '.join(map(str, READ_VERSIONS))}, 8 bits)")
     if list(entry.get("modules", [])) != list(QUANT_MODULES) or entry.get("scale_suffix") != SCALE_SUFFIX:
         raise CheckpointError(f"{where}: quantized modules {entry.get('modules')!r} / scale suffix "
                               f"{entry.get('scale_suffix')!r} differ from {list(QUANT_MODULES)!r} / {SCALE_SUFFIX!r}")
+    for key, want in (("symmetric", True), ("granularity", "per_output_channel")):
+        if key in entry and (entry[key] != want or type(entry[key]) is not type(want)):
+            raise CheckpointError(f"{where}: quantization {key!r} must be {want!r} (the only scheme "
+                                  f"numformer reads), got {entry[key]!r}")
     if version == 1:                                   # before int8 heads: wte is float
         if "int8_head" in entry:
             raise CheckpointError(f"{where}: 'int8_head' needs format_version 2, the entry says version 1")
@@ -400,7 +404,15 @@ def _check_entry(entry, where: str) -> bool:
     int8_head = entry.get("int8_head")
     if not isinstance(int8_head, bool):
         raise CheckpointError(f"{where}: quantization 'int8_head' must be true or false, got {int8_head!r}")
+    if int8_head and entry.get("head_granularity", "per_vocabulary_row") != "per_vocabulary_row":
+        raise CheckpointError(f"{where}: quantization 'head_granularity' must be 'per_vocabulary_row' (the only "
+                              f"scheme numformer reads), got {entry['head_granularity']!r}")
     return int8_head
+
+
+def _is_int(value) -> bool:
+    """An integer, not a bool and not a float that compares equal (``8.0 == 8``)."""
+    return type(value) is int
 
 
 def _check_int8_tensor(file: str, name: str, q: np.ndarray, scale: np.ndarray, dtypes: dict,

@@ -17,13 +17,14 @@ fine-tuning on top of mean-pooled embeddings (:mod:`numformer.finetune`).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from numformer import jsonfile
+from numformer.configcheck import Bool, Int, check_keys, fail
 from numformer.models.bert import BertModel, load_bert
 from numformer.tokenizers.wordpiece import WordPieceTokenizer, load_wordpiece
 
@@ -84,11 +85,7 @@ class SentenceEncoder:
 
 
 def _json(path: str):
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid UTF-8 JSON ({e})") from None
+    return jsonfile.load(path)          # a JSONFileError (ValueError) naming the file for any bad JSON
 
 
 def load_sentence_encoder(path: str | os.PathLike, dtype=np.float32) -> SentenceEncoder:
@@ -106,9 +103,12 @@ def load_sentence_encoder(path: str | os.PathLike, dtype=np.float32) -> Sentence
         normalize = any(t.endswith(".Normalize") for t in types)
         for m in modules:
             if str(m.get("type", "")).endswith(".Pooling"):
-                pool_cfg_path = os.path.join(folder, str(m.get("path", "")), "config.json")
+                sub = m.get("path", "")
+                if not isinstance(sub, str) or os.path.isabs(sub) or ".." in sub.replace("\\", "/").split("/"):
+                    raise ValueError(f"{modules_path}: module path {sub!r} must be a folder inside {folder}")
+                pool_cfg_path = os.path.join(folder, sub, "config.json")
                 if os.path.isfile(pool_cfg_path):
-                    pooling = _pooling_mode(_json(pool_cfg_path), pool_cfg_path)
+                    pooling = _pooling_mode(_json(pool_cfg_path), pool_cfg_path, model.cfg.hidden_size)
             elif not str(m.get("type", "")).endswith((".Transformer", ".Normalize")):
                 raise ValueError(f"{modules_path}: module type {m.get('type')!r} is not supported "
                                  "(Transformer, Pooling and Normalize are)")
@@ -117,9 +117,15 @@ def load_sentence_encoder(path: str | os.PathLike, dtype=np.float32) -> Sentence
     return SentenceEncoder(model, tokenizer, max_len, pooling, normalize)
 
 
-def _pooling_mode(cfg, source: str) -> str:
+def _pooling_mode(cfg, source: str, hidden_size: int | None = None) -> str:
     if not isinstance(cfg, dict):
         raise ValueError(f"{source}: expected a JSON object")
+    # flags are true/false (bool("false") is True); the width, when given, is the encoder's
+    check_keys(cfg, {k: Bool() for k in cfg if k.startswith("pooling_mode_")}, source)
+    if "word_embedding_dimension" in cfg:
+        dim = Int(min=1)(source, "word_embedding_dimension", cfg["word_embedding_dimension"])
+        if hidden_size is not None and dim != hidden_size:
+            raise fail(source, "word_embedding_dimension", dim, f"the encoder's hidden_size ({hidden_size})")
     modes = [m for m in POOLING_MODES if cfg.get(f"pooling_mode_{m}_tokens" if m != "cls" else "pooling_mode_cls_token")]
     others = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v and
               k not in ("pooling_mode_mean_tokens", "pooling_mode_cls_token", "pooling_mode_max_tokens")]

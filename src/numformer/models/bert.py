@@ -30,11 +30,13 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from numformer import backend
+from numformer import backend, jsonfile
+from numformer.configcheck import (MAX_LAYERS, Bool, Choice, Epsilon, Float, Int, Prob, check_fields, check_keys,
+                                   check_param_count, checked, fail, from_mapping)
 from numformer.ops import attention, dense, dropout, embedding, gelu, layernorm
 from numformer.params import ParamLayout
 
@@ -43,43 +45,42 @@ _GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 @dataclass
 class BertConfig:
-    """Model shape; field names follow Hugging Face's ``BertConfig``."""
+    """Model shape; field names follow Hugging Face's ``BertConfig``.
 
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"                 # "gelu" = exact erf; "gelu_new" = tanh form
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    hidden_dropout_prob: float = 0.1         # used only in training mode
-    attention_probs_dropout_prob: float = 0.1  # read and written back, not applied (see module doc)
-    pad_token_id: int | None = 0             # its embedding row gets no gradient, as in Hugging Face
-    initializer_range: float = 0.02
-    position_embedding_type: str = "absolute"
+    Every field carries its check (:mod:`numformer.configcheck`);
+    :meth:`validate` runs them and the cross-field rules.
+    """
+
+    vocab_size: int = checked(30522, Int(min=1))
+    hidden_size: int = checked(768, Int(min=1))
+    num_hidden_layers: int = checked(12, Int(min=1, max=MAX_LAYERS))
+    num_attention_heads: int = checked(12, Int(min=1))
+    intermediate_size: int = checked(3072, Int(min=1))
+    hidden_act: str = checked("gelu", Choice(tuple(_GELU)))     # "gelu" = exact erf; "gelu_new" = tanh form
+    max_position_embeddings: int = checked(512, Int(min=1))
+    type_vocab_size: int = checked(2, Int(min=1))
+    layer_norm_eps: float = checked(1e-12, Epsilon())
+    hidden_dropout_prob: float = checked(0.1, Prob())           # used only in training mode
+    attention_probs_dropout_prob: float = checked(0.1, Prob())  # read and written back, not applied (module doc)
+    pad_token_id: int | None = checked(0, Int(min=0, optional=True))  # its row gets no gradient, as in HF
+    initializer_range: float = checked(0.02, Float(ge=0.0))
+    position_embedding_type: str = checked("absolute", Choice(("absolute",)))  # the only one implemented
 
     def validate(self, source: str = "config") -> "BertConfig":
-        """Raise ValueError naming ``source`` and the first nonsensical field."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{source}: {name} must be a positive integer, got {value!r}")
+        """Raise ValueError (:class:`~numformer.configcheck.ConfigFieldError`)
+        naming ``source``, the first bad field and its value."""
+        check_fields(self, source)
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"{source}: hidden_size ({self.hidden_size}) must be divisible by "
-                             f"num_attention_heads ({self.num_attention_heads})")
-        if self.hidden_act not in _GELU:
-            raise ValueError(f"{source}: hidden_act {self.hidden_act!r} is not supported "
-                             f"(supported: {', '.join(_GELU)})")
-        if self.position_embedding_type != "absolute":
-            raise ValueError(f"{source}: position_embedding_type {self.position_embedding_type!r} "
-                             "is not supported (only 'absolute')")
-        if not 0.0 <= self.hidden_dropout_prob < 1.0:
-            raise ValueError(f"{source}: hidden_dropout_prob must be in [0, 1), got {self.hidden_dropout_prob}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"{source}: layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+            raise fail(source, "hidden_size", self.hidden_size,
+                       f"divisible by num_attention_heads ({self.num_attention_heads})")
+        C, I = self.hidden_size, self.intermediate_size
+        count = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size + 3) * C + C * C \
+            + self.num_hidden_layers * (4 * C * C + 2 * C * I + I + 9 * C)
+        largest = max(("vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size",
+                       "num_hidden_layers"), key=lambda k: getattr(self, k))
+        check_param_count(source, count, largest, getattr(self, largest))
+        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
+            raise fail(source, "pad_token_id", self.pad_token_id, f"a token id below vocab_size ({self.vocab_size})")
         return self
 
     @property
@@ -104,12 +105,17 @@ class BertConfig:
         if model_type != "bert":
             raise ValueError(f"{source}: unknown architecture model_type={model_type!r} "
                              "(this loader reads BERT encoders, model_type 'bert')")
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        try:
-            return cls(**kwargs).validate(source)
-        except TypeError as e:
-            raise ValueError(f"{source}: {e}") from None
+        extra = check_keys(d, HF_KEYS, source)
+        for key in ("is_decoder", "add_cross_attention"):
+            if extra.get(key):
+                raise ValueError(f"{source}: {key}=true is not supported (numformer's BERT is a "
+                                 "bidirectional encoder without cross-attention)")
+        return from_mapping(cls, d, source)
+
+
+# Hugging Face ``config.json`` keys that are not BertConfig fields but change the
+# math when set: checked by type, then refused when they ask for what is not implemented.
+HF_KEYS = {"is_decoder": Bool(), "add_cross_attention": Bool()}
 
 
 def param_shapes(cfg: BertConfig, pooler: bool = True) -> "OrderedDict[str, tuple[int, ...]]":
@@ -358,11 +364,7 @@ class BertModel:
 
 
 def _read_json(path: str) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid UTF-8 JSON ({e})") from None
+    return jsonfile.load(path)          # a JSONFileError (ValueError) naming the file for any bad JSON
 
 
 def _checkpoint_names(names, source: str) -> dict[str, str]:
@@ -412,8 +414,8 @@ def load_bert(path: str | os.PathLike, dtype=np.float32, pooler: bool | None = N
     table = _checkpoint_names(header, st_path)
     if pooler is None:
         pooler = "pooler.dense.weight" in table
-    model = BertModel(cfg, dtype=dtype, pooler=pooler)
-    for name, shape in model.layout.shapes.items():
+    shapes = param_shapes(cfg, pooler)          # checked before the buffer is allocated (a huge
+    for name, shape in shapes.items():          # config.json next to a small file fails here)
         if name not in table:
             raise ValueError(f"{st_path}: missing tensor {name!r} (config.json describes "
                              f"{cfg.num_hidden_layers} layers of width {cfg.hidden_size})")
@@ -423,6 +425,7 @@ def load_bert(path: str | os.PathLike, dtype=np.float32, pooler: bool | None = N
         if header[table[name]]["dtype"] not in ("F32", "F16", "BF16", "F64"):
             raise ValueError(f"{st_path}: tensor {table[name]!r} has dtype {header[table[name]]['dtype']}, "
                              "expected a float type")
+    model = BertModel(cfg, dtype=dtype, pooler=pooler)
     tensors = safetensors.load_file(st_path, names=[table[n] for n in model.layout.shapes], mmap=True)
     for name, view in model.params.items():
         view[...] = tensors[table[name]]

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from numformer import backend
+from numformer.configcheck import (MAX_LAYERS, Bool, Choice, Epsilon, Float, Int, Prob, check_fields, check_keys,
+                                   check_param_count, checked, fail, from_mapping)
 from numformer.ops import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear
 from numformer.params import ParamLayout
 
@@ -32,35 +34,50 @@ from numformer.params import ParamLayout
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 
+# Hugging Face GPT-2 ``config.json`` keys that are not GPT2Config fields but are read,
+# written back or change the math: each checked by type and range when present.
+HF_GPT2_KEYS = {
+    "n_ctx": Int(min=1), "resid_pdrop": Prob(), "embd_pdrop": Prob(), "attn_pdrop": Prob(),
+    "summary_first_dropout": Prob(), "initializer_range": Float(ge=0.0),
+    "bos_token_id": Int(min=0, optional=True), "eos_token_id": Int(min=0, optional=True),
+    "pad_token_id": Int(min=0, optional=True),
+    "scale_attn_weights": Bool(), "scale_attn_by_inverse_layer_idx": Bool(), "add_cross_attention": Bool(),
+    "tie_word_embeddings": Bool(), "reorder_and_upcast_attn": Bool(), "use_cache": Bool(),
+}
+
+
 @dataclass
 class GPT2Config:
-    """Model shape; field names follow Hugging Face's ``GPT2Config``."""
+    """Model shape; field names follow Hugging Face's ``GPT2Config``.
 
-    vocab_size: int = 50257
-    n_positions: int = 1024        # context length
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    dropout: float = 0.0           # applied to the embedding and both residual branches
-    layer_norm_epsilon: float = 1e-5
-    activation_function: str = "gelu_new"   # "gelu_new" (tanh, GPT-2) or "gelu" (exact erf)
-    n_inner: int | None = None     # MLP hidden width; None means 4 * n_embd (as in Hugging Face)
+    Every field carries its check (:mod:`numformer.configcheck`);
+    :meth:`validate` runs them and the cross-field rules.
+    """
 
-    def validate(self) -> "GPT2Config":
-        """Raise ValueError naming the first nonsensical field."""
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    vocab_size: int = checked(50257, Int(min=1))
+    n_positions: int = checked(1024, Int(min=1))       # context length
+    n_embd: int = checked(768, Int(min=1))
+    n_layer: int = checked(12, Int(min=1, max=MAX_LAYERS))
+    n_head: int = checked(12, Int(min=1))
+    dropout: float = checked(0.0, Prob())              # applied to the embedding and both residual branches
+    layer_norm_epsilon: float = checked(1e-5, Epsilon())
+    activation_function: str = checked("gelu_new", Choice(tuple(ACTIVATIONS)))  # "gelu_new" (tanh) or "gelu" (erf)
+    n_inner: int | None = checked(None, Int(min=1, optional=True))  # MLP width; None means 4 * n_embd (as in HF)
+
+    def validate(self, source: str | None = None) -> "GPT2Config":
+        """Check every field (type and range) and the cross-field rules.
+
+        Raises :class:`~numformer.configcheck.ConfigFieldError` (a
+        ValueError) naming ``source`` (the file, when known), the field and
+        the value. Values are normalized to Python ints and floats.
+        """
+        check_fields(self, source)
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.activation_function not in ACTIVATIONS:
-            raise ValueError(f"activation_function must be one of {', '.join(map(repr, ACTIVATIONS))}, "
-                             f"got {self.activation_function!r}")
-        if self.n_inner is not None and (not isinstance(self.n_inner, (int, np.integer)) or self.n_inner <= 0):
-            raise ValueError(f"n_inner must be a positive integer or None, got {self.n_inner!r}")
+            raise fail(source, "n_embd", self.n_embd, f"divisible by n_head ({self.n_head})")
+        C, F = self.n_embd, self.inner
+        count = (self.vocab_size + self.n_positions + 2) * C + self.n_layer * (4 * C * C + 2 * C * F + F + 9 * C)
+        largest = max(("vocab_size", "n_positions", "n_embd", "n_layer"), key=lambda k: getattr(self, k))
+        check_param_count(source, count, largest, getattr(self, largest))
         return self
 
     @property
@@ -80,13 +97,12 @@ class GPT2Config:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPT2Config":
-        """Read our own or a Hugging Face ``config.json`` (unknown keys are ignored)."""
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        if "dropout" not in d and "resid_pdrop" in d:
-            kwargs["dropout"] = d["resid_pdrop"]
-        return cls(**kwargs).validate()
+    def from_dict(cls, d: dict, source: str | None = None) -> "GPT2Config":
+        """Read our own or a Hugging Face ``config.json`` (unknown keys are ignored),
+        validated (:meth:`validate`); errors name ``source``."""
+        if isinstance(d, dict):
+            check_keys(d, HF_GPT2_KEYS, source)
+        return from_mapping(cls, d, source, rename={"resid_pdrop": "dropout"})
 
 
 def param_shapes(cfg: GPT2Config) -> "OrderedDict[str, tuple[int, ...]]":

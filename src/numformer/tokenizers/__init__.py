@@ -12,9 +12,10 @@ and ``vocab_size``, ``eot_id``, ``kind`` ("char" | "bpe"), ``to_dict()``.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
+
+from numformer import jsonfile
 
 from .base import EOT_TOKEN, Tokenizer, fail
 from .bpe import ByteBPETokenizer
@@ -40,12 +41,7 @@ def load_tokenizer(path_or_dict: str | os.PathLike | dict[str, Any]) -> Tokenize
         source, d = "<dict>", path_or_dict
     else:
         source = os.fspath(path_or_dict)
-        with open(source, "rb") as f:
-            raw = f.read()
-        try:
-            d = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise fail(source, f"not valid UTF-8 JSON ({e})") from None
+        d = jsonfile.load(source, error=fail)      # a missing file: FileNotFoundError as usual
     if not isinstance(d, dict):
         raise fail(source, f"expected a JSON object, got {type(d).__name__}")
     if "kind" not in d:

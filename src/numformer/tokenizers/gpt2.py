@@ -52,6 +52,8 @@ import os
 import re
 from typing import Any, Iterable
 
+from numformer import jsonfile
+
 from . import gpt2_split
 from .base import EOT_TOKEN, Tokenizer, as_id_list, fail
 
@@ -562,14 +564,12 @@ def _pairs_no_dup(pairs):
 def _read_json_object(path: str) -> dict:
     raw = _read_text(path)
     try:
-        d = json.loads(raw, object_pairs_hook=_pairs_no_dup)
+        d = jsonfile.loads(raw, path, error=fail, object_pairs_hook=_pairs_no_dup)
     except _Duplicate as e:
         key = e.args[0]
         needle = json.dumps(key, ensure_ascii=False)
         pos = raw.find(needle, raw.find(needle) + 1)          # the second occurrence
         raise fail(path, f"line {_line_of(raw, max(pos, 0))}: key {key!r} appears twice") from None
-    except json.JSONDecodeError as e:
-        raise fail(path, f"line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
     if not isinstance(d, dict):
         raise fail(path, f"expected a JSON object, got {type(d).__name__}")
     return d

@@ -26,7 +26,6 @@ interpreter's), so the ids are the same on every Python version.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import unicodedata
@@ -34,6 +33,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from numformer import jsonfile
+from numformer.configcheck import Bool, ConfigFieldError, Int, check_keys
 
 from . import _bert_unicode as _U
 from .base import Tokenizer, as_id_list, fail
@@ -110,14 +112,24 @@ class WordPieceTokenizer(Tokenizer):
         if len(self.vocab) != len(self.tokens):
             dup = next(t for i, t in enumerate(self.tokens) if self.vocab[t] != i)
             raise fail(source, f"token {dup!r} appears twice in the vocabulary")
+        try:        # typed settings: "false" or 1 is not a bool, True is not a length
+            max_input_chars_per_word = Int(min=1)(None, "max_input_chars_per_word", max_input_chars_per_word)
+            max_length = Int(min=3, optional=True)(None, "max_length", max_length)
+            clean_text, handle_chinese_chars, lowercase = (
+                Bool()(None, name, v) for name, v in (("clean_text", clean_text),
+                                                      ("handle_chinese_chars", handle_chinese_chars),
+                                                      ("lowercase", lowercase)))
+            strip_accents = Bool(optional=True)(None, "strip_accents", strip_accents)
+            for name, tok in (("prefix", prefix), ("unk_token", unk_token), ("pad_token", pad_token),
+                              ("cls_token", cls_token), ("sep_token", sep_token)):
+                if not (isinstance(tok, str) or (tok is None and name in ("cls_token", "sep_token"))):
+                    raise ConfigFieldError(None, name, tok, "a string")
+        except ConfigFieldError as e:
+            raise fail(source, str(e)) from None
         for name, tok in (("unk_token", unk_token), ("pad_token", pad_token), ("cls_token", cls_token),
                           ("sep_token", sep_token)):
             if tok is not None and tok not in self.vocab:
                 raise fail(source, f"{name} {tok!r} is not in the vocabulary")
-        if not isinstance(max_input_chars_per_word, int) or max_input_chars_per_word <= 0:
-            raise fail(source, f"max_input_chars_per_word must be a positive integer, got {max_input_chars_per_word!r}")
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 3):
-            raise fail(source, f"max_length must be an integer >= 3, got {max_length!r}")
         self.unk_token, self.prefix = unk_token, prefix
         self.unk_id = self.vocab[unk_token]
         self.max_input_chars_per_word = max_input_chars_per_word
@@ -431,9 +443,9 @@ class WordPieceTokenizer(Tokenizer):
         if norm is None:
             opts.update(clean_text=False, handle_chinese_chars=False, strip_accents=False, lowercase=False)
         elif isinstance(norm, dict) and norm.get("type") == "BertNormalizer":
-            opts.update(clean_text=bool(norm.get("clean_text", True)),
-                        handle_chinese_chars=bool(norm.get("handle_chinese_chars", True)),
-                        strip_accents=norm.get("strip_accents"), lowercase=bool(norm.get("lowercase", True)))
+            opts.update(clean_text=norm.get("clean_text", True),     # types checked by __init__
+                        handle_chinese_chars=norm.get("handle_chinese_chars", True),
+                        strip_accents=norm.get("strip_accents"), lowercase=norm.get("lowercase", True))
         else:
             kind = norm.get("type") if isinstance(norm, dict) else norm
             raise fail(source, f"normalizer {kind!r} is not supported (only BertNormalizer)")
@@ -444,11 +456,15 @@ class WordPieceTokenizer(Tokenizer):
         opts.update(_read_post_processor(d.get("post_processor"), tokens, source))
         added = []
         for a in d.get("added_tokens") or []:
-            if not isinstance(a, dict) or not isinstance(a.get("content"), str) or not isinstance(a.get("id"), int):
-                raise fail(source, f"malformed added token {a!r}")
-            added.append(AddedToken(a["content"], a["id"], bool(a.get("special", False)),
-                                    bool(a.get("normalized", False)), bool(a.get("lstrip", False)),
-                                    bool(a.get("rstrip", False)), bool(a.get("single_word", False))))
+            if not isinstance(a, dict) or not isinstance(a.get("content"), str) or not isinstance(a.get("id"), int) \
+                    or isinstance(a.get("id"), bool):
+                raise fail(source, f"malformed added token {a!r:.80}")
+            flags = ("special", "normalized", "lstrip", "rstrip", "single_word")
+            try:
+                values = [Bool()(None, f"added token {a['content']!r}: {k}", a.get(k, False)) for k in flags]
+            except ConfigFieldError as e:
+                raise fail(source, str(e)) from None
+            added.append(AddedToken(a["content"], a["id"], *values))
             if a["id"] >= len(tokens) or tokens[a["id"]] != a["content"]:
                 raise fail(source, f"added token {a['content']!r} (id {a['id']}) is not that vocabulary entry")
         if max_length is None and isinstance(d.get("truncation"), dict):
@@ -527,12 +543,7 @@ def _truncate(a: list[int], b: list[int] | None, budget: int):
 
 
 def _read_json(path: str):
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise fail(path, f"not valid UTF-8 JSON ({e})") from None
+    return jsonfile.load(path, error=fail)     # any bad JSON: "bad tokenizer file PATH: ..."
 
 
 def _read_post_processor(post, tokens: list[str], source: str) -> dict[str, Any]:
@@ -585,12 +596,21 @@ def load_wordpiece(path: str | os.PathLike, max_length: int | None = None) -> Wo
             cfg = _read_json(cfg_path)
             if not isinstance(cfg, dict):
                 raise fail(cfg_path, "expected a JSON object")
+            try:
+                check_keys(cfg, {"do_lower_case": Bool(), "tokenize_chinese_chars": Bool(),
+                                 "strip_accents": Bool(optional=True)})
+            except ConfigFieldError as e:
+                raise fail(cfg_path, str(e)) from None
         if max_length is None:
             st_path = os.path.join(folder, "sentence_bert_config.json")
             if os.path.isfile(st_path):
                 st = _read_json(st_path)
-                if isinstance(st, dict) and isinstance(st.get("max_seq_length"), int):
-                    max_length = st["max_seq_length"]
+                if not isinstance(st, dict):
+                    raise fail(st_path, f"expected a JSON object, got {type(st).__name__}")
+                try:
+                    max_length = Int(min=3, optional=True)(None, "max_seq_length", st.get("max_seq_length"))
+                except ConfigFieldError as e:
+                    raise fail(st_path, str(e)) from None
         if max_length is None:
             mml = cfg.get("model_max_length")
             if isinstance(mml, int) and 3 <= mml <= 1_000_000:
@@ -602,7 +622,7 @@ def load_wordpiece(path: str | os.PathLike, max_length: int | None = None) -> Wo
         else:
             raise FileNotFoundError(f"{folder}: no tokenizer.json or vocab.txt")
     if path.endswith(".txt"):
-        return WordPieceTokenizer.from_vocab_txt(
-            path, lowercase=bool(cfg.get("do_lower_case", True)), strip_accents=cfg.get("strip_accents"),
-            handle_chinese_chars=bool(cfg.get("tokenize_chinese_chars", True)), max_length=max_length)
+        return WordPieceTokenizer.from_vocab_txt(   # types checked by __init__ (no bool("false"))
+            path, lowercase=cfg.get("do_lower_case", True), strip_accents=cfg.get("strip_accents"),
+            handle_chinese_chars=cfg.get("tokenize_chinese_chars", True), max_length=max_length)
     return WordPieceTokenizer.from_tokenizer_json(path, max_length=max_length)
