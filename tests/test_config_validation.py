@@ -409,3 +409,23 @@ def test_gpt2_classifier_folder_with_bad_settings_is_refused(tmp_path):
         _edit(folder / "config.json", numformer={"pooling": "last", "max_length": None}, initializer_range=0.02,
               layer_norm_epsilon=1e-5)
     assert load_classifier(folder)[0].max_length is None
+
+
+def test_gpt2_tokenizer_json_added_token_flags_are_typed(tmp_path):
+    from numformer.tokenizers.gpt2 import GPT2Tokenizer
+
+    with open(os.path.join(TINY_GPT2, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(TINY_GPT2, "merges.txt"), encoding="utf-8") as f:
+        merges = [line for line in f.read().splitlines() if line and not line.startswith("#version")]
+    eot = max(vocab.values())
+    doc = {"model": {"type": "BPE", "vocab": vocab, "merges": merges}, "pre_tokenizer": {"type": "ByteLevel"},
+           "added_tokens": [{"id": eot, "content": "<|endoftext|>", "special": True}]}
+    path = tmp_path / "tokenizer.json"
+    _write(path, json.dumps(doc))
+    assert GPT2Tokenizer.from_tokenizer_json(str(path)).eot_id == eot
+    for bad in ({"special": "false"}, {"special": 1}, {"id": True}):
+        doc["added_tokens"] = [{"id": eot, "content": "<|endoftext|>", "special": True, **bad}]
+        _write(path, json.dumps(doc))
+        with pytest.raises(ValueError, match=r"tokenizer\.json: added_tokens\[0\]: 'special' must be true or false"):
+            GPT2Tokenizer.from_tokenizer_json(str(path))

@@ -340,9 +340,13 @@ class GPT2Tokenizer(Tokenizer):
         if not isinstance(vocab, dict):
             raise fail(path, "model.vocab must be an object of token -> id")
         ranks, special = _vocab_to_ranks(vocab, path, None)
-        for t in d.get("added_tokens") or []:          # special tokens leave the BPE vocabulary
-            if not (isinstance(t, dict) and t.get("special") and isinstance(t.get("content"), str)
-                    and isinstance(t.get("id"), int)):
+        for n, t in enumerate(d.get("added_tokens") or []):   # special tokens leave the BPE vocabulary
+            if not isinstance(t, dict):
+                continue
+            if not isinstance(t.get("special", False), bool) or isinstance(t.get("id"), bool):
+                raise fail(path, f"added_tokens[{n}]: 'special' must be true or false and 'id' an integer, "
+                                 f"got special={t.get('special')!r}, id={t.get('id')!r}")
+            if not (t.get("special") and isinstance(t.get("content"), str) and isinstance(t.get("id"), int)):
                 continue
             content, i = t["content"], t["id"]
             as_bytes = _token_from_alphabet(content)
