@@ -64,7 +64,7 @@
 // L = +inf, so every recomputed P of that query is exactly 0. In a masked
 // tile, P and dS are set to 0 at hidden pairs after they are computed (a
 // NaN L or dP must not stay there), and the dV, dK, dQ products skip hidden
-// pairs when dO, Q or K rows of the tile are not finite (block_gemm_masked).
+// pairs when the head's dO, Q or K hold an inf or NaN (block_gemm_masked).
 #include "cpu/attention.h"
 
 #include <algorithm>
@@ -282,8 +282,9 @@ struct Visible {
 // query, so in a partly masked tile the products that sum over keys or
 // queries must skip the hidden pairs — P = 0 there, but 0·inf and 0·NaN are
 // NaN. The fast GEMMs multiply every pair, which is exact whenever the other
-// operand's rows in the tile are finite; this checks that (x·0 is 0 only for
-// finite x; an integer OR, so it vectorises) before a masked tile's GEMM.
+// operand is finite; this checks that (x·0 is 0 only for finite x; an integer
+// OR, so it vectorises), once per task for the head's rows a masked tile may
+// need, so a tile costs nothing more.
 template <typename T>
 bool rows_nonfinite(const T* x, index_t st, index_t n, index_t D) {
     unsigned bad = 0;
@@ -521,6 +522,7 @@ NF_INLINE void forward_task(const AttentionProblem<typename C::T>& P, index_t bh
     // Keys any query of this tile may see: [0, j_end).
     const index_t j_end = P.causal ? std::min<index_t>(Tk, i0 + nq + off) : Tk;
     bool first = true;
+    int v_bad = -1;  // do V rows [0, j_end) hold an inf or NaN? (−1: not looked yet)
     for (index_t j0 = 0; j0 < j_end; j0 += kBc) {
         const index_t nk = std::min<index_t>(kBc, j_end - j0);
         const int pad = mask_state(km != nullptr ? km + j0 : nullptr, nk);
@@ -538,7 +540,8 @@ NF_INLINE void forward_task(const AttentionProblem<typename C::T>& P, index_t bh
         // (α applied as the GEMM stores, not by a pass of its own over Oᵀ;
         // when no max moved, α = 1 in every lane and it is skipped.)
         const T* vj = vh + j0 * P.v.st;
-        if ((crosses || pad == 1) && rows_nonfinite(vj, P.v.st, nk, D))  // a hidden v may be inf/NaN
+        if ((crosses || pad == 1) && v_bad < 0) v_bad = rows_nonfinite(vh, P.v.st, j_end, D);
+        if ((crosses || pad == 1) && v_bad)  // a hidden v may be inf or NaN
             block_gemm_masked<T>(D, W, nk, vj, 1, P.v.st, st, kBr, ot, kBr, !first, rescale ? alpha : nullptr,
                               [&](index_t, index_t j, index_t i) { return vis(i0 + i, j0 + j); });
         else
@@ -673,6 +676,12 @@ NF_INLINE void backward_task(const AttentionProblem<typename C::T>& P,
         ldq = ldo = ldk = Dp;
     }
 
+    // Inf or NaN in the rows the masked tiles' products sum over (see rows_nonfinite)?
+    const bool any_mask = P.causal || km != nullptr;
+    const bool q_bad = any_mask && rows_nonfinite(qh, P.q.st, Tq, D);
+    const bool do_bad = any_mask && rows_nonfinite(doh, dO.st, Tq, D);
+    const bool k_bad = any_mask && rows_nonfinite(kh, P.k.st, Tk, D);
+
     const index_t n_ktiles = ceil_div(Tk, kBc);
     for (index_t kt = share; kt < n_ktiles; kt += shares) {
         const index_t j0 = kt * kBc, nk = std::min<index_t>(kBc, Tk - j0);
@@ -702,7 +711,7 @@ NF_INLINE void backward_task(const AttentionProblem<typename C::T>& P,
                 // dPᵀ = V_j · dOᵀ                                       (nk × W)
                 block_gemm<C>(nk, W, D, vh + j0 * P.v.st, P.v.st, 1, dot_ + i0, ldt, dpt, kBr, false);
                 // dV_j += Pᵀ · dO                                        (nk × Dp), p = query
-                if (masked && rows_nonfinite(dor + i0 * ldo, ldo, nq, D))
+                if (masked && do_bad)
                     block_gemm_masked<T>(nk, Dp, nq, st, kBr, 1, dor + i0 * ldo, ldo, dva, Dp, true, nullptr, key_row);
                 else
                     block_gemm<C>(nk, Dp, nq, st, kBr, 1, dor + i0 * ldo, ldo, dva, Dp, true);
@@ -713,12 +722,12 @@ NF_INLINE void backward_task(const AttentionProblem<typename C::T>& P,
                 if (crosses) causal_mask(dpt, nk, W, i0, j0, off, T(0));
                 if (pad == 1) padding_mask(dpt, nk, W, km + j0, T(0));
                 // dK_j += s·dSᵀ · Q                                     (nk × Dp), p = query
-                if (masked && rows_nonfinite(qr + i0 * ldq, ldq, nq, D))
+                if (masked && q_bad)
                     block_gemm_masked<T>(nk, Dp, nq, dpt, kBr, 1, qr + i0 * ldq, ldq, dka, Dp, true, nullptr, key_row);
                 else
                     block_gemm<C>(nk, Dp, nq, dpt, kBr, 1, qr + i0 * ldq, ldq, dka, Dp, true);
                 // dQ_i += s·dS · K_j                                    (nq × Dp), p = key
-                if (masked && rows_nonfinite(kr + j0 * ldk, ldk, nk, D))
+                if (masked && k_bad)
                     block_gemm_masked<T>(nq, Dp, nk, dpt, 1, kBr, kr + j0 * ldk, ldk, dqa + i0 * Dp, Dp, true, nullptr,
                                       query_row);
                 else
