@@ -110,6 +110,14 @@ def test_model_refuses_float_ids_and_targets(name):
             model.forward(ids, np.array([[2.5, 3.0, 4.0]]))
 
 
+def test_quantized_model_refuses_float_ids():
+    from numformer.quantize import quantize_model
+    qmodel = quantize_model(GPT2.init(CFG, seed=0), int8_head=True)   # its own int8 embedding lookup
+    with pytest.raises(TypeError, match="embedding: ids has dtype float64"):
+        qmodel.forward(np.array([[1.0, 2.5]]))
+    assert qmodel.forward(np.array([[1, 2]]))[0].shape == (1, 2, CFG.vocab_size)
+
+
 def test_generation_refuses_non_integer_prompts():
     model = GPT2.init(CFG, seed=0)
     with pytest.raises(TypeError, match=r"prompt must hold integer token ids, got float 1.5"):
@@ -125,3 +133,4 @@ def test_token_splits_refuse_float_tokens():
     with pytest.raises(TypeError, match="tokens has dtype float64"):
         TokenSplits(np.arange(100) + 0.5, block_size=4)
     assert len(TokenSplits(np.arange(100, dtype=np.uint16), block_size=4).train) == 90
+
