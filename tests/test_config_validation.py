@@ -429,3 +429,12 @@ def test_gpt2_tokenizer_json_added_token_flags_are_typed(tmp_path):
         _write(path, json.dumps(doc))
         with pytest.raises(ValueError, match=r"tokenizer\.json: added_tokens\[0\]: 'special' must be true or false"):
             GPT2Tokenizer.from_tokenizer_json(str(path))
+
+
+def test_deep_line_of_a_jsonl_training_file_names_file_and_line(tmp_path):
+    from numformer.finetune import read_labelled
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n' + DEEP + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: not valid JSON"):
+        read_labelled(path)
