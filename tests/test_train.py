@@ -68,7 +68,7 @@ def test_checkpoint_round_trip_and_contents(tmp_path):
     result = train(cfg, log=quiet)
     folder = os.path.join(cfg.out, "checkpoint")
     assert sorted(os.listdir(folder)) == sorted(
-        ["config.json", "model.safetensors", "numformer_tokenizer.json",
+        ["config.json", "manifest.json", "model.safetensors", "numformer_tokenizer.json",
          "optimizer.safetensors", "trainer_state.json"])
     loaded = checkpoint.load_model(cfg.out)            # the run folder resolves to its checkpoint
     np.testing.assert_array_equal(loaded.flat, result.model.flat)

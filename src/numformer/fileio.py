@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -33,6 +34,9 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_directory",
+    "is_complete",
+    "complete_copies",
+    "recover_directory",
 ]
 
 
@@ -164,12 +168,12 @@ def _fsync_tree(root: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(final_path: str | os.PathLike[str]) -> Iterator[str]:
+def atomic_directory(final_path: str | os.PathLike[str], *, manifest: str | None = None) -> Iterator[str]:
     """Build a directory in a temporary location and move it into place.
 
     Usage::
 
-        with atomic_directory("runs/ckpt") as tmp:
+        with atomic_directory("runs/ckpt", manifest="manifest.json") as tmp:
             save_file(weights, os.path.join(tmp, "model.safetensors"))
             atomic_write_json(os.path.join(tmp, "config.json"), config)
 
@@ -186,21 +190,37 @@ def atomic_directory(final_path: str | os.PathLike[str]) -> Iterator[str]:
     3. ``rmtree(<aside>)``
 
     Between 1 and 2 (two metadata operations, microseconds) ``final_path``
-    does not exist. A crash exactly there leaves the complete old checkpoint
-    at ``<parent>/.<name>.old.<random>`` and the complete new one at
-    ``<parent>/.<name>.<random>.tmp``; neither is ever half-written. If step
-    2 fails, the old directory is renamed back. Readers that find
-    ``final_path`` missing should treat it as "no checkpoint yet".
+    does not exist. A crash exactly there leaves the complete old folder at
+    ``<parent>/.<name>.old.<random>`` and the complete new one at
+    ``<parent>/.<name>.<random>.tmp``. If step 2 fails with an exception, the
+    old directory is renamed back; after a kill nothing runs, so readers call
+    :func:`complete_copies` / :func:`recover_directory` to find the newest
+    complete copy.
+
+    ``manifest``: the name of a JSON file written *last* into the temporary
+    folder, after every other file is fsynced: ``{"files": {relative path:
+    size in bytes}, "created_ns": ...}``. A folder whose manifest exists and
+    whose files all have the listed sizes is complete (:func:`is_complete`):
+    a kill while the folder is being written leaves no manifest, and a kill
+    while an aside copy is being deleted (step 3, which removes whole files)
+    leaves a listed file missing.
+
+    After a successful replace, leftovers of earlier interrupted replaces
+    (``.<name>.old.*`` and ``.<name>.*.tmp`` siblings older than this one)
+    are deleted: the folder now in place is newer than all of them.
     """
     final_path = os.path.abspath(os.fspath(final_path))
     parent = os.path.dirname(final_path)
     name = os.path.basename(final_path)
     if not name:
         raise ValueError(f"atomic_directory needs a directory name, got {final_path!r}")
+    started_ns = time.time_ns()
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
     try:
         yield tmp
         _fsync_tree(tmp)
+        if manifest is not None:
+            _write_manifest(tmp, manifest)
         # mkdtemp creates 0700; use the permissions os.mkdir would.
         os.chmod(tmp, 0o777 & ~_UMASK)
         _move_into_place(tmp, final_path)
@@ -208,6 +228,114 @@ def atomic_directory(final_path: str | os.PathLike[str]) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(parent)
+    _remove_stale_copies(final_path, started_ns)
+
+
+def _write_manifest(folder: str, manifest: str) -> None:
+    files = {}
+    for dirpath, _dirnames, filenames in os.walk(folder):
+        for fname in filenames:
+            fp = os.path.join(dirpath, fname)
+            rel = os.path.relpath(fp, folder).replace(os.sep, "/")
+            if rel != manifest and os.path.isfile(fp) and not os.path.islink(fp):
+                files[rel] = os.path.getsize(fp)
+    atomic_write_json(os.path.join(folder, manifest), {"files": files, "created_ns": time.time_ns()})
+
+
+def _read_manifest(folder: str, manifest: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, manifest), encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, ValueError, RecursionError):     # RecursionError: a deeply nested file
+        return None
+    if not (isinstance(m, dict) and isinstance(m.get("files"), dict) and isinstance(m.get("created_ns"), int)):
+        return None
+    return m
+
+
+def is_complete(folder: str | os.PathLike[str], manifest: str) -> bool:
+    """Whether ``folder`` holds a readable ``manifest`` and every file it lists, at the listed size."""
+    folder = os.fspath(folder)
+    m = _read_manifest(folder, manifest)
+    if m is None:
+        return False
+    for rel, size in m["files"].items():
+        fp = os.path.join(folder, *rel.split("/"))
+        try:
+            if os.path.getsize(fp) != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _sibling_copies(final_path: str) -> list[tuple[str, str]]:
+    """(kind, path) of the ``.<name>.<random>.tmp`` ("new") and ``.<name>.old.<random>``
+    ("old") folders that :func:`atomic_directory` leaves next to ``final_path`` when killed."""
+    parent, name = os.path.split(os.path.abspath(os.fspath(final_path)))
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    found = []
+    old_prefix, new_prefix = f".{name}.old.", f".{name}."
+    for entry in sorted(entries):
+        path = os.path.join(parent, entry)
+        if entry.startswith(old_prefix) and not entry.endswith(".tmp"):
+            kind = "old"
+        elif entry.startswith(new_prefix) and entry.endswith(".tmp") and "." not in entry[len(new_prefix):-4]:
+            kind = "new"
+        else:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            found.append((kind, path))
+    return found
+
+
+def complete_copies(final_path: str | os.PathLike[str], manifest: str) -> list[str]:
+    """Complete copies of ``final_path`` left by interrupted replaces, newest first.
+
+    Newest = the latest manifest ``created_ns``; on a tie a new (``.tmp``)
+    copy wins over an old (``.old.``) one.
+    """
+    ranked = []
+    for kind, path in _sibling_copies(os.fspath(final_path)):
+        if is_complete(path, manifest):
+            m = _read_manifest(path, manifest)
+            ranked.append((m["created_ns"], kind == "new", path))
+    return [path for *_, path in sorted(ranked, reverse=True)]
+
+
+def recover_directory(final_path: str | os.PathLike[str], manifest: str) -> str | None:
+    """If ``final_path`` is missing, rename the newest complete copy into place.
+
+    Returns the path of the copy that was moved (for the caller to report),
+    or None when ``final_path`` exists or no complete copy was found. The
+    other leftovers stay until the next :func:`atomic_directory` on this
+    path removes them.
+    """
+    final_path = os.path.abspath(os.fspath(final_path))
+    if os.path.lexists(final_path):
+        return None
+    for copy in complete_copies(final_path, manifest):
+        try:
+            os.rename(copy, final_path)
+        except FileNotFoundError:          # another process moved it first
+            continue
+        _fsync_dir(os.path.dirname(final_path))
+        return copy
+    return None
+
+
+def _remove_stale_copies(final_path: str, before_ns: int) -> None:
+    """Delete leftovers of interrupted replaces of ``final_path`` made before ``before_ns``
+    (a concurrent writer's newer temporary folder is left alone)."""
+    for _kind, path in _sibling_copies(final_path):
+        try:
+            if os.stat(path).st_mtime_ns < before_ns:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _move_into_place(tmp: str, final_path: str) -> None:
