@@ -20,6 +20,7 @@ User mistakes (bad flags, unreadable data, broken checkpoints) print one
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -53,8 +54,44 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help when it has a real default the
+    help does not already state (argparse's ArgumentDefaultsHelpFormatter also adds
+    "(default: None)" and repeats defaults written into the text)."""
+
+    @staticmethod
+    def _shows_default(action) -> bool:
+        text = action.help or ""
+        default = action.default
+        return not ("(default" in text or "%(default)" in text or not action.option_strings
+                    or text is argparse.SUPPRESS or default is None or default is False or default == []
+                    or default is argparse.SUPPRESS)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not self._shows_default(action):
+            return text
+        return f"{text} (default: %(default)s)" if text.strip() else "(default: %(default)s)"
+
+    def _format_action(self, action):
+        if not (action.help or "").strip() and self._shows_default(action):   # argparse skips empty help
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every numformer (sub)command parser: the same help formatter."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="numformer", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="numformer",
+                     description="numformer: Transformers in NumPy. Train and sample a small GPT, quantize, "
+                                 "serve, embed and fine-tune; 'numformer COMMAND --help' for each command.")
     sub = parser.add_subparsers(metavar="COMMAND")
     _add_train(sub)
     _add_sample(sub)
@@ -80,23 +117,82 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- train
 
 
+# One line per `numformer train` setting (the flag --NAME-WITH-DASHES); the default and the
+# choices are appended from TrainConfig.
+TRAIN_HELP = {
+    "data": "UTF-8 text file to train on (default: Python's pydoc topics, no download)",
+    "task": "a synthetic task instead of text (brings its own tokenizer, context and tuned settings)",
+    "out": "output folder: checkpoint/, metrics.jsonl, loss.png",
+    "tokenizer": "character-level or byte-level BPE trained on the data",
+    "vocab_size": "BPE vocabulary size (BPE only)",
+    "n_layer": "Transformer blocks",
+    "n_head": "attention heads per block (must divide --n-embd)",
+    "n_embd": "model width",
+    "block_size": "context length in tokens",
+    "dropout": "dropout rate on the embeddings and residual branches",
+    "batch_size": "sequences per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "max_steps": "train up to this step (with --resume: the total, counting the checkpoint's steps)",
+    "schedule_steps": "length of the warmup + cosine learning-rate schedule; after it the rate stays at "
+                      "--min-lr (default: --max-steps; a resumed run keeps its checkpoint's)",
+    "optimizer": "AdamW or SGD with momentum",
+    "lr": "peak learning rate",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "warmup_steps": "linear warmup steps",
+    "weight_decay": "decoupled weight decay (matrices only)",
+    "decay_embeddings": "also decay the embedding matrices",
+    "beta1": "AdamW first-moment decay",
+    "beta2": "AdamW second-moment decay",
+    "momentum": "SGD momentum",
+    "grad_clip": "global gradient-norm clip (0 disables it)",
+    "eval_interval": "validate and save a checkpoint every this many steps",
+    "eval_batches": "validation batches per evaluation",
+    "val_fraction": "fraction of the tokens held out for validation",
+    "seed": "random seed (initialization, batches, dropout)",
+    "dtype": "floating-point type of the parameters",
+    "num_samples": "texts to sample after training",
+    "sample_tokens": "tokens per sample",
+    "temperature": "sampling temperature",
+    "top_k": "sample from the k most likely tokens",
+    "progress": "draw a progress bar",
+}
+
+
 def _add_train(sub) -> None:
-    from numformer.train import TrainConfig
+    from numformer.train import CHOICES, TrainConfig
 
     p = sub.add_parser("train", help="train a small GPT (default: on Python's own docs)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="JSON or TOML file of settings (flags override it)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
+                       description="Train a small GPT. Settings come from the defaults, then the saved run "
+                                   "(--resume), then --config, then the flags.")
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML file of settings, named as the flags "
+                                                     "with underscores (n_layer = 2); flags override it")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run saved in DIR: its model shape, tokenizer, task, optimizer, seed "
+                        "and learning-rate schedule are kept (a conflicting flag is an error)")
+    p.add_argument("--extend-schedule", action="store_true",
+                   help="with --resume and a larger --max-steps: stretch the warmup + cosine schedule to the "
+                        "new --max-steps (the learning rate jumps to that longer schedule's value) instead of "
+                        "training the extra steps at --min-lr")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        text = TRAIN_HELP[f.name]
         kind = hints[f.name]
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default: {f.default})")
-        else:
-            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-            p.add_argument(flag, type=base, default=None, help=f"(default: {f.default})")
+                           help=f"{text} (default: {'on' if f.default else 'off'})")
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        choices = CHOICES.get(f.name)
+        if f.name == "task":
+            from numformer.tasks import TASKS
+
+            choices = tuple(TASKS)
+        if f.default is not None and "(default:" not in text:
+            text += f" (default: {f.default})"
+        metavar = None if choices else {"data": "FILE", "out": "DIR", int: "N", float: "X"}.get(
+            f.name, {int: "N", float: "X"}.get(base, "TEXT"))
+        p.add_argument(flag, type=base, default=None, choices=choices, metavar=metavar, help=text)
     p.set_defaults(run=run_train)
 
 
@@ -111,53 +207,97 @@ def _load_config_file(path: str) -> dict:
                 import tomllib
             except ImportError:  # Python 3.10
                 import tomli as tomllib
-            return tomllib.loads(raw.decode("utf-8"))
-        return json.loads(raw)
+            settings = tomllib.loads(raw.decode("utf-8"))
+        else:
+            settings = json.loads(raw)
     except Exception as exc:
         raise UserError(f"config file {path!r} could not be parsed: {exc}") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"config file {path!r} must hold a table of settings (name: value), "
+                        f"not a {type(settings).__name__}")
+    return settings
 
 
 def _train_config(args):
-    """defaults < saved run (resume) < config file < explicit flags."""
-    from numformer.train import TrainConfig
+    """defaults < saved run (resume) < config file < explicit flags; returns a validated TrainConfig.
+
+    An error about a setting names where its value came from (the flag, the
+    config file, or the checkpoint's saved settings)."""
+    from numformer.train import SettingError, TrainConfig, check_settings, resume_settings
 
     settings: dict = {}
+    origin: dict = {}                                   # setting -> file its value came from (None: a flag)
+    if args.resume and args.out is not None:
+        raise UserError("--out cannot be combined with --resume (the run continues in its own folder)")
+    if args.extend_schedule and not args.resume:
+        raise UserError("--extend-schedule only applies with --resume")
+    if args.extend_schedule and args.schedule_steps is not None:
+        raise UserError("--extend-schedule stretches the schedule to --max-steps; leave --schedule-steps out")
     if args.resume:
-        from numformer import checkpoint
-
-        _, state = checkpoint.load_training_state(os.path.join(args.resume, "checkpoint")
-                                                  if os.path.isdir(os.path.join(args.resume, "checkpoint"))
-                                                  else args.resume)
-        settings.update(state.get("train_config", {}))
-        settings["out"] = args.resume if os.path.isdir(os.path.join(args.resume, "checkpoint")) \
-            else os.path.dirname(os.path.abspath(args.resume))
+        run_dir, saved = resume_settings(args.resume)
+        check_settings({k: v for k, v in saved.items() if k != "out"},
+                       os.path.join(run_dir, "checkpoint", "trainer_state.json"))
+        settings.update(saved)
+        origin.update(dict.fromkeys(saved, os.path.join(run_dir, "checkpoint", "trainer_state.json")))
+        if args.extend_schedule:
+            settings.pop("schedule_steps", None)
+    explicit: dict = {}
     if args.config:
-        settings.update(_load_config_file(args.config))
+        from_file = _load_config_file(args.config)
+        check_settings(from_file, args.config)
+        if args.resume and "out" in from_file and os.path.abspath(from_file["out"]) != settings["out"]:
+            raise UserError(f"{args.config}: 'out' cannot be combined with --resume (the run continues in "
+                            f"its own folder, {settings['out']})")
+        explicit.update(from_file)
+        origin.update(dict.fromkeys(from_file, args.config))
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name)
         if value is not None:
-            settings[f.name] = value
-    if args.resume and args.out is not None:
-        raise UserError("--out cannot be combined with --resume (the run continues in its own folder)")
-    if settings.get("task") and not args.resume:        # a task brings its own tuned defaults
+            explicit[f.name] = value
+            origin[f.name] = None
+    settings.update(explicit)
+    if settings.get("task") and not args.resume:        # a task brings its own tuned defaults and data
+        _check_task_settings(settings["task"], explicit, origin)
         from numformer.tasks import TASKS
 
         if settings["task"] in TASKS:
             settings = {**TASKS[settings["task"]].recommended_settings(), **settings}
     try:
         return TrainConfig.from_dict(settings, source=args.config or "settings").validate()
-    except TypeError as exc:
-        raise UserError(f"bad setting: {exc}") from None
+    except SettingError as exc:
+        if exc.source is None and origin.get(exc.name):
+            raise SettingError(exc.name, exc.problem, origin[exc.name]) from None
+        raise
+
+
+def _check_task_settings(task: str, explicit: dict, origin: dict) -> None:
+    """A synthetic task brings its own data, tokenizer and context: refuse settings it would ignore."""
+    from numformer.tasks import TASKS
+
+    if task not in TASKS:
+        return                                         # validate() names the valid tasks
+    ignored = [n for n in ("data", "tokenizer", "vocab_size") if explicit.get(n) is not None]
+    block = TASKS[task]().block_size
+    if explicit.get("block_size") not in (None, block):
+        ignored.append("block_size")
+    if ignored:
+        where = lambda n: f"--{n.replace('_', '-')}" if origin.get(n) is None else f"{n!r} in {origin[n]}"
+        raise UserError(f"--task {task} brings its own data, tokenizer and context ({block} tokens); "
+                        f"{', '.join(map(where, ignored))} would be ignored: leave them out")
 
 
 def run_train(args) -> int:
     from numformer import backend
-    from numformer.train import plot_losses, train
+    from numformer.train import plot_losses, plural, train
 
     cfg = _train_config(args)
     print(f"numformer train: backend {backend.current()}, output in {cfg.out}")
-    result = train(cfg, resume=bool(args.resume))
-    print(f"trained {result.losses[-1][0] if result.losses else 0} steps in {result.seconds:.1f} s")
+    result = train(cfg, resume=bool(args.resume), extend_schedule=args.extend_schedule)
+    if result.end_step == result.start_step:           # train() said why (the checkpoint is already there)
+        return 0
+    new = result.end_step - result.start_step
+    print(f"trained {plural(new, 'step')} " + (f"(steps {result.start_step + 1}-{result.end_step}) "
+                                               if result.start_step else "") + f"in {result.seconds:.1f} s")
     if result.val_losses:
         line = f"validation loss {result.val_losses[-1][1]:.4f} nats/token"
         if result.baseline is not None:
@@ -197,7 +337,7 @@ def _print_samples(cfg, result) -> None:
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a checkpoint (several prompts are decoded as one batch)")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="a folder from `numformer train` or a Hugging Face GPT-2 folder")
+                   help="a folder from 'numformer train' or a Hugging Face GPT-2 folder")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="text to continue; repeat the flag for several prompts (default: one empty prompt, "
                         "i.e. start a new document)")
@@ -435,8 +575,7 @@ def _add_finetune(sub) -> None:
 
     d = FinetuneConfig()
     p = sub.add_parser("finetune", help="train a text classifier on a BERT encoder or GPT-2's last token "
-                                        "(CSV/JSONL of text,label)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                        "(CSV/JSONL of text,label)")
     p.add_argument("--model", required=True, metavar="DIR",
                    help="Hugging Face BERT / sentence-transformers or GPT-2 folder, or a numformer GPT-2 checkpoint")
     p.add_argument("--train", required=True, metavar="FILE", help="CSV with text,label header, or JSONL")
@@ -450,7 +589,7 @@ def _add_finetune(sub) -> None:
     for name in ("lr", "head_lr", "weight_decay", "warmup_ratio", "val_fraction", "clip"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.set_defaults(run=run_finetune)
-    p = sub.add_parser("classify", help="label texts with a classifier saved by `numformer finetune`")
+    p = sub.add_parser("classify", help="label texts with a classifier saved by 'numformer finetune'")
     p.add_argument("--model", required=True, metavar="DIR")
     p.add_argument("--input", metavar="FILE", help="UTF-8 text file, one text per line ('-' for stdin)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -526,8 +665,7 @@ def run_classify(args) -> int:
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (needs the serve extra)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API (needs the serve extra)")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="numformer checkpoint, Hugging Face GPT-2 folder (completions) or BERT / "
                         "sentence-transformers folder (embeddings)")

@@ -3,18 +3,26 @@
 AdamW (or SGD with momentum) with decoupled weight decay on matrices only,
 linear warmup then cosine decay, global-norm clipping, gradient
 accumulation, periodic validation, atomic checkpoints, JSON-lines metrics,
-and exact resume: the optimizer moments, the step and the random
-generator's state are all saved, so a resumed run repeats the
-uninterrupted one loss for loss.
+and exact resume: the optimizer moments, the step, the random
+generator's state and the learning-rate schedule's horizon are all saved,
+so a resumed run repeats the uninterrupted one loss for loss.
+
+Resume semantics: the model's shape, tokenizer, task, optimizer and seed
+come from the checkpoint (a conflicting setting is refused, not ignored);
+the schedule keeps its saved horizon (``schedule_steps``), so resuming with
+a larger ``max_steps`` trains the extra steps at ``min_lr`` unless
+``extend_schedule`` stretches the cosine to the new ``max_steps``.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 
@@ -45,6 +53,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     max_steps: int = 1500
+    schedule_steps: int | None = None # length of the warmup + cosine schedule (None: max_steps)
     optimizer: str = "adamw"          # "adamw" or "sgd"
     lr: float = 2e-3
     min_lr: float = 2e-4
@@ -67,46 +76,112 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> "TrainConfig":
-        """Raise ValueError naming the first nonsensical setting."""
+        """Raise :class:`SettingError` naming the first setting of the wrong type or range."""
+        for name in (f.name for f in fields(self)):
+            check_type(name, getattr(self, name))
         positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
                     "max_steps", "eval_interval", "eval_batches")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise SettingError(name, f"must be positive, got {getattr(self, name)}")
+        if self.schedule_steps is not None and self.schedule_steps <= 0:
+            raise SettingError("schedule_steps", f"must be positive, got {self.schedule_steps}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise SettingError("top_k", f"must be positive, got {self.top_k}")
         for name in ("warmup_steps", "num_samples", "sample_tokens"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+                raise SettingError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"need lr > 0 and 0 <= min-lr <= lr, got lr={self.lr}, min-lr={self.min_lr}")
-        if self.tokenizer not in ("char", "bpe"):
-            raise ValueError(f"--tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"--optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+            raise SettingError("n_embd", f"({self.n_embd}) must be divisible by --n-head ({self.n_head})")
+        if not self.lr > 0:
+            raise SettingError("lr", f"must be positive, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise SettingError("min_lr", f"must be in [0, lr], got min-lr={self.min_lr}, lr={self.lr}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise SettingError(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.tokenizer == "bpe" and self.vocab_size < 257:
-            raise ValueError(f"--vocab-size must be at least 257 for byte-level BPE, got {self.vocab_size}")
+            raise SettingError("vocab_size", f"must be at least 257 for byte-level BPE, got {self.vocab_size}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("--grad-clip and --weight-decay must be >= 0")
+            raise SettingError("dropout", f"must be in [0, 1), got {self.dropout}")
+        for name in ("grad_clip", "weight_decay", "momentum"):
+            if not getattr(self, name) >= 0:
+                raise SettingError(name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SettingError(name, f"must be in [0, 1), got {getattr(self, name)}")
+        if not self.temperature >= 0:
+            raise SettingError("temperature", f"must be >= 0, got {self.temperature}")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+            raise SettingError("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         if self.task is not None:
             from numformer.tasks import TASKS
             if self.task not in TASKS:
-                raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+                raise SettingError("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
         return self
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        """Build from a settings dict, refusing unknown names (with the nearest valid
+        ones suggested) and values of the wrong type, naming the setting and ``source``."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a table of settings (name = value), got {type(d).__name__}")
+        check_settings(d, source)
         return cls(**d)
+
+
+CHOICES = {"tokenizer": ("char", "bpe"), "optimizer": ("adamw", "sgd"), "dtype": ("float32", "float64")}
+
+
+class SettingError(ValueError):
+    """A training setting of the wrong type or out of range: ``name`` is the setting,
+    ``source`` the file it came from (None: a command-line flag)."""
+
+    def __init__(self, name: str, problem: str, source: str | None = None):
+        self.name, self.problem, self.source = name, problem, source
+        where = f"--{name.replace('_', '-')}" if source is None else f"{source}: setting {name!r}"
+        super().__init__(f"{where} {problem}")
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def check_type(name: str, value) -> None:
+    """Raise SettingError unless ``value`` has the type of TrainConfig's field ``name``
+    (an int is a valid float; a bool is not a number)."""
+    kind = _FIELD_TYPES[name]
+    args = typing.get_args(kind)
+    optional = type(None) in args
+    base = next((t for t in args if t is not type(None)), kind)
+    if value is None and optional:
+        return
+    if base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, base)
+    if not ok:
+        expected = _TYPE_NAMES.get(base, base.__name__) + (" or null" if optional else "")
+        raise SettingError(name, f"must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def check_settings(d: dict, source: str) -> None:
+    """Refuse unknown names (suggesting the nearest) and wrongly typed values in ``d``."""
+    known = [f.name for f in fields(TrainConfig)]
+    for name in d:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; valid settings: {', '.join(known)}"
+            raise ValueError(f"{source}: unknown setting {name!r}{hint}")
+    for name, value in d.items():
+        try:
+            check_type(name, value)
+        except SettingError as exc:
+            raise SettingError(name, exc.problem, source) from None
+
+
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
 
 
 @dataclass
@@ -117,6 +192,8 @@ class TrainResult:
     val_losses: list = field(default_factory=list)    # (step, val loss)
     baseline: float | None = None                     # unigram validation cross-entropy
     seconds: float = 0.0
+    start_step: int = 0                               # the checkpoint's step (0 for a new run)
+    end_step: int = 0                                 # the step reached; == start_step: nothing was trained
 
 
 # ----------------------------------------------------------------------------- data
@@ -163,10 +240,17 @@ def make_optimizer(cfg: TrainConfig, model: GPT2):
                decay_mask=mask)
 
 
+def schedule_horizon(cfg: TrainConfig) -> int:
+    """Steps of the warmup + cosine schedule: ``schedule_steps``, by default ``max_steps``."""
+    return cfg.schedule_steps if cfg.schedule_steps is not None else cfg.max_steps
+
+
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Warmup + cosine; a warmup longer than the run is cut to the run's length."""
+    """Warmup + cosine over ``schedule_horizon(cfg)`` steps, then ``min_lr``; a warmup longer
+    than the schedule is cut to the schedule's length."""
+    horizon = schedule_horizon(cfg)
     return cosine_schedule(step, max_lr=cfg.lr, min_lr=cfg.min_lr,
-                           warmup_steps=min(cfg.warmup_steps, cfg.max_steps), total_steps=cfg.max_steps)
+                           warmup_steps=min(cfg.warmup_steps, horizon), total_steps=horizon)
 
 
 def evaluate(model: GPT2, data, cfg: TrainConfig) -> float:
@@ -179,43 +263,75 @@ def evaluate(model: GPT2, data, cfg: TrainConfig) -> float:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | None = None) -> TrainResult:
+def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | None = None,
+          extend_schedule: bool = False) -> TrainResult:
     """Train (or resume training) a GPT as ``cfg`` says; returns the model and its losses.
+
+    Resuming continues the run in ``cfg.out`` exactly: the model's shape, the
+    tokenizer, the task, the optimizer and the seed are the checkpoint's (a
+    ``cfg`` that differs in any of them is refused with :class:`ResumeError`),
+    and the learning-rate schedule keeps its saved horizon. So a run resumed
+    to the ``max_steps`` it was started with equals the uninterrupted run
+    bit for bit; a larger ``max_steps`` trains the extra steps at ``min_lr``,
+    unless ``extend_schedule`` stretches the schedule to the new ``max_steps``
+    (``cfg.schedule_steps`` must then be None or equal to it). A checkpoint
+    already at ``max_steps`` or beyond trains nothing and says so
+    (``result.end_step == result.start_step``).
 
     ``stop_after`` ends the run early after that step, as an interruption
     would (the schedule still runs to ``max_steps``): it lets tests check
     that a resumed run repeats the uninterrupted one.
     """
-    cfg.validate()
+    cfg = replace(cfg).validate()                    # a copy: the schedule horizon is filled in below
     dtype = np.dtype(cfg.dtype)
-    ckpt_dir = os.path.join(cfg.out, "checkpoint")
+    ckpt_dir = os.path.join(cfg.out, checkpoint.CHECKPOINT_DIR)
     metrics_path = os.path.join(cfg.out, METRICS_FILE)
     start_step, rng, metrics = 0, np.random.default_rng(cfg.seed), []
 
     if resume:
-        model = checkpoint.load_model(ckpt_dir, dtype=dtype)
-        tokenizer, data, baseline = build_data(cfg, checkpoint.load_tokenizer(ckpt_dir), log)
+        checkpoint.resolve(ckpt_dir, recover=True, log=log)     # a save killed mid-swap: put the newest copy back
         opt_state, state = checkpoint.load_training_state(ckpt_dir)
+        model = checkpoint.load_model(ckpt_dir, dtype=dtype)
+        saved = state.get("train_config") or {}
+        _check_resume(cfg, model.cfg, saved, ckpt_dir, extend_schedule, log)
+        start_step = int(state["step"])
+        if start_step >= cfg.max_steps:
+            log(f"nothing to train: the checkpoint {ckpt_dir} is already at step {start_step} "
+                f"and --max-steps is {cfg.max_steps}; give a larger --max-steps to train further")
+            result = TrainResult(model, checkpoint.load_tokenizer(ckpt_dir), start_step=start_step,
+                                 end_step=start_step)
+            rows = _read_metrics(metrics_path, up_to_step=start_step, log=log)
+            result.losses = [(m["step"], m["loss"]) for m in rows if "loss" in m]
+            result.val_losses = [(m["step"], m["val_loss"]) for m in rows if "val_loss" in m]
+            return result
+        tokenizer, data, baseline = build_data(cfg, checkpoint.load_tokenizer(ckpt_dir), log)
+        if cfg.dropout != model.cfg.dropout:                      # the one model setting a resume may change
+            model.cfg = replace(model.cfg, dropout=cfg.dropout)
         optimizer = make_optimizer(cfg, model)
         optimizer.load_state_dict(opt_state)
-        start_step = int(state["step"])
         rng.bit_generator.state = state["rng_state"]
-        metrics = _read_metrics(metrics_path, up_to_step=start_step)
+        metrics = _read_metrics(metrics_path, up_to_step=start_step, log=log)
         log(f"resuming from step {start_step} of {cfg.max_steps} ({ckpt_dir})")
     else:
+        if extend_schedule:
+            raise ResumeError("extend_schedule (--extend-schedule) only applies when resuming a run")
         tokenizer, data, baseline = build_data(cfg, None, log)
-        block = data.block_size if cfg.task else cfg.block_size
-        model = GPT2.init(model_config(cfg, tokenizer.vocab_size, block), seed=cfg.seed, dtype=dtype)
+        if cfg.task:                     # the task fixes the context length; record the one used
+            cfg.block_size = data.block_size
+        if cfg.schedule_steps is None:
+            cfg.schedule_steps = cfg.max_steps
+        model = GPT2.init(model_config(cfg, tokenizer.vocab_size, cfg.block_size), seed=cfg.seed, dtype=dtype)
         optimizer = make_optimizer(cfg, model)
         os.makedirs(cfg.out, exist_ok=True)
     _write_metrics(metrics_path, metrics)
 
-    log(f"model: {model.num_params:,} parameters, {cfg.n_layer} layers, {cfg.n_head} heads, "
-        f"width {cfg.n_embd}, context {model.cfg.n_positions}, vocab {tokenizer.vocab_size}")
+    log(f"model: {model.num_params:,} parameters, {plural(model.cfg.n_layer, 'layer')}, "
+        f"{plural(model.cfg.n_head, 'head')}, width {model.cfg.n_embd}, context {model.cfg.n_positions}, "
+        f"vocab {tokenizer.vocab_size}")
     if baseline is not None:
         log(f"unigram baseline (validation cross-entropy): {baseline:.4f} nats/token")
 
-    result = TrainResult(model, tokenizer, baseline=baseline)
+    result = TrainResult(model, tokenizer, baseline=baseline, start_step=start_step, end_step=start_step)
     result.losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     result.val_losses = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model.cfg.n_positions
@@ -247,6 +363,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
             row["val_loss"] = evaluate(model, data, cfg)
             result.val_losses.append((step + 1, row["val_loss"]))
         _append_metric(metrics_path, row)
+        result.end_step = step + 1
         if bar is not None:
             post = {"loss": f"{loss:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
             if result.val_losses:
@@ -255,12 +372,100 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
             bar.update(1)
         if "val_loss" in row:
             _save(cfg, model, tokenizer, optimizer, rng, step + 1, ckpt_dir)
+            line = f"step {step + 1}: train loss {loss:.4f}, val loss {row['val_loss']:.4f}"
             if bar is None:
-                log(f"step {step + 1}: train loss {loss:.4f}, val loss {row['val_loss']:.4f}")
+                log(line)
+            else:                    # a line of its own too (a redirected log has no bar), drawn above the bar
+                with bar.external_write_mode():
+                    log(line)
     if bar is not None:
         bar.close()
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 layer', '2 layers'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+class ResumeError(ValueError):
+    """A resume whose settings conflict with the checkpoint it continues."""
+
+
+# settings a resumed run takes from its checkpoint: (name, what it fixes)
+_FROM_CHECKPOINT = ("tokenizer", "vocab_size", "task", "optimizer", "seed")
+
+
+def _check_resume(cfg: TrainConfig, model_cfg, saved: dict, ckpt_dir: str, extend_schedule: bool, log) -> None:
+    """Refuse settings that a resumed run cannot honour; fix the schedule's horizon.
+
+    The shape comes from the checkpoint's model config (the truth, even if an
+    older trainer_state.json recorded a flag that was never applied); the
+    tokenizer, task, optimizer and seed from its saved training settings.
+    """
+    shape = {"n_layer": model_cfg.n_layer, "n_head": model_cfg.n_head, "n_embd": model_cfg.n_embd}
+    if not (cfg.task or saved.get("task")):
+        shape["block_size"] = model_cfg.n_positions
+    conflicts = [(name, getattr(cfg, name), value) for name, value in shape.items() if getattr(cfg, name) != value]
+    for name in _FROM_CHECKPOINT:
+        if name in saved and getattr(cfg, name) != saved[name]:
+            if name == "vocab_size" and saved.get("tokenizer") != "bpe":
+                continue                                       # only a BPE tokenizer has a trained vocab size
+            conflicts.append((name, getattr(cfg, name), saved[name]))
+    if conflicts:
+        listed = "; ".join(f"--{n.replace('_', '-')} {mine!r} but the checkpoint has {theirs!r}"
+                           for n, mine, theirs in conflicts)
+        raise ResumeError(f"cannot resume {ckpt_dir} with different settings: {listed}. A resumed run keeps "
+                          "the checkpoint's model shape, tokenizer, task, optimizer and seed; leave these "
+                          "flags out (or give the checkpoint's values), or start a new run with --out")
+    for name, value in shape.items():                          # record the shape actually trained
+        setattr(cfg, name, value)
+    horizon = saved.get("schedule_steps") or saved.get("max_steps") or cfg.max_steps
+    if extend_schedule:
+        if cfg.schedule_steps is not None and cfg.schedule_steps != cfg.max_steps:
+            raise ResumeError(f"--extend-schedule stretches the schedule to --max-steps ({cfg.max_steps}); "
+                              f"--schedule-steps {cfg.schedule_steps} contradicts it (leave it out)")
+        if cfg.max_steps != horizon:
+            log(f"extending the learning-rate schedule from {horizon} to {cfg.max_steps} steps "
+                f"(warmup + cosine recomputed over {cfg.max_steps} steps; the run no longer matches "
+                f"an uninterrupted {horizon}-step run)")
+        cfg.schedule_steps = cfg.max_steps
+        return
+    if cfg.schedule_steps is not None and cfg.schedule_steps != horizon:
+        raise ResumeError(f"--schedule-steps {cfg.schedule_steps} conflicts with the checkpoint's schedule of "
+                          f"{horizon} steps; a resumed run continues its schedule (use --extend-schedule "
+                          "to stretch it to --max-steps)")
+    cfg.schedule_steps = horizon
+    if cfg.max_steps > horizon:
+        log(f"note: the learning-rate schedule ends at step {horizon} (the checkpoint's); steps "
+            f"{horizon + 1}-{cfg.max_steps} train at --min-lr {cfg.min_lr:g} (add --extend-schedule to "
+            f"stretch the schedule to {cfg.max_steps} steps instead)")
+
+
+def resume_settings(path: str, log=None) -> tuple[str, dict]:
+    """(run folder, saved settings) of the run to resume at ``path`` (a run folder or its
+    ``checkpoint/``). A checkpoint lost mid-save is recovered first. The model's shape is
+    taken from its config.json, which is what the weights have."""
+    kwargs = {} if log is None else {"log": log}
+    folder = checkpoint.resolve(path, recover=True, **kwargs)
+    if not os.path.exists(os.path.join(folder, checkpoint.MODEL_FILE)):
+        raise checkpoint.CheckpointError(f"{path!r} holds no checkpoint to resume (neither a "
+                                         f"{checkpoint.CHECKPOINT_DIR}/ folder nor {checkpoint.MODEL_FILE})")
+    if os.path.basename(os.path.normpath(os.path.abspath(folder))) != checkpoint.CHECKPOINT_DIR:
+        raise checkpoint.CheckpointError(f"{folder!r} is not a training run's {checkpoint.CHECKPOINT_DIR}/ "
+                                         "folder; resume the run folder that holds it")
+    _, state = checkpoint.load_training_state(folder)
+    saved = dict(state.get("train_config") or {})
+    model_cfg = checkpoint.load_config(folder)
+    saved.update(n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, n_embd=model_cfg.n_embd)
+    if not saved.get("task"):
+        saved["block_size"] = model_cfg.n_positions
+    if "schedule_steps" not in saved and "max_steps" in saved:      # saved before the horizon was stored
+        saved["schedule_steps"] = saved["max_steps"]
+    run_dir = os.path.dirname(os.path.abspath(folder))
+    saved["out"] = run_dir
+    return run_dir, saved
 
 
 def _save(cfg, model, tokenizer, optimizer, rng, step, ckpt_dir):
@@ -279,17 +484,37 @@ def _progress_bar(cfg: TrainConfig, start_step: int):
 # ----------------------------------------------------------------------------- metrics
 
 
-def _read_metrics(path: str, up_to_step: int) -> list[dict]:
-    """Rows of an earlier run up to the checkpoint's step (later rows were never saved)."""
+def _read_metrics(path: str, up_to_step: int, log=print) -> list[dict]:
+    """Rows of an earlier run up to the checkpoint's step (later rows were never saved).
+
+    A last line without its newline that is not valid JSON was cut short by a
+    kill mid-write: it is dropped and reported. Any other malformed line is a
+    :class:`~numformer.checkpoint.CheckpointError` naming the file and line.
+    """
     if not os.path.exists(path):
         return []
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines = raw.split(b"\n")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                if row.get("step", 0) <= up_to_step:
-                    rows.append(row)
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        torn = number == len(lines)                  # the last line has no newline after it
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:    # bad UTF-8 or JSON, huge ints, deep nesting
+            if torn:
+                log(f"warning: {path}, line {number}: dropped a half-written last line "
+                    f"({len(line)} bytes; the run was stopped while writing it)")
+                break
+            raise checkpoint.CheckpointError(f"{path}, line {number}: not a valid JSON line ({exc}); "
+                                             "fix or delete that line to resume") from None
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)):
+            raise checkpoint.CheckpointError(f"{path}, line {number}: expected an object with an integer "
+                                             f"\"step\", got {line[:80].decode('utf-8', 'replace')!r}")
+        if row["step"] <= up_to_step:
+            rows.append(row)
     return rows
 
 
