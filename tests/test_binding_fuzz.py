@@ -26,6 +26,7 @@ Longer run: ``NUMFORMER_FUZZ_EXAMPLES=2000 pytest tests/test_binding_fuzz.py``
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import re
@@ -295,10 +296,9 @@ class Case:
     near: dict = field(default_factory=dict)          # param -> the limit-minus-size values
     allowed: tuple = REFUSALS        # exceptions that count as a refusal
     expensive: Callable | None = None                 # valid but too big to run here
-    params: tuple = ()               # coverage names: the signature's names (arg1 for positional)
 
     def int_params(self):
-        import inspect
+        """The integers run() takes: named as in the binding's signature (arg1 when positional)."""
         return tuple(p for p in inspect.signature(self.run).parameters if p != "m")
 
 
