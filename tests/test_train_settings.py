@@ -292,3 +292,22 @@ def test_validation_losses_are_printed_as_lines_with_the_progress_bar_on(tmp_pat
     out = capsys.readouterr().out
     assert re.search(r"^step 4: train loss \d+\.\d+, val loss \d+\.\d+$", out, re.M), out
     assert re.search(r"^step 8: train loss \d+\.\d+, val loss \d+\.\d+$", out, re.M), out
+
+
+def test_resume_of_a_task_run_refuses_data_it_would_ignore(tmp_path, capsys):
+    out = str(tmp_path / "sort")
+    assert main(["train", "--task", "sort", "--out", out, "--max-steps", "2", "--n-layer", "1", "--n-embd", "16",
+                 "--n-head", "2", "--batch-size", "4", "--eval-interval", "2", "--no-progress"]) == 0
+    saved = saved_state(out)["train_config"]
+    assert saved["block_size"] == json.load(open(os.path.join(out, "checkpoint", "config.json")))["n_positions"]
+    (tmp_path / "c.txt").write_text(TEXT)
+    assert main(["train", "--resume", out, "--max-steps", "3", "--data", str(tmp_path / "c.txt")]) == 2
+    assert "--task sort brings its own" in error_line(capsys)
+
+
+def test_tokenize_and_tokenizer_group_help(run, capsys):
+    assert main(["tokenize", "--tokenizer", run, "the fox"]) == 0          # a run folder's tokenizer
+    ids = capsys.readouterr().out.split()
+    assert len(ids) == len("the fox")
+    assert main(["tokenizer"]) == 2
+    assert "train a tokenizer" in capsys.readouterr().out

@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gradcheck", help="finite-difference checks of every backward pass (float64)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_gradcheck)
-    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(metavar="ACTION")
+    tok_parser = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok_parser.set_defaults(run=lambda args: tok_parser.print_help() or 2)    # no ACTION: its own help
+    tok = tok_parser.add_subparsers(metavar="ACTION")
     p = tok.add_parser("train", help="train a tokenizer on a text file (default: Python's docs)")
     p.add_argument("--data", help="UTF-8 text file (default: pydoc topics)")
     p.add_argument("--kind", choices=("bpe", "char"), default="bpe")
@@ -256,8 +258,9 @@ def _train_config(args):
             explicit[f.name] = value
             origin[f.name] = None
     settings.update(explicit)
-    if settings.get("task") and not args.resume:        # a task brings its own tuned defaults and data
+    if settings.get("task"):
         _check_task_settings(settings["task"], explicit, origin)
+    if settings.get("task") and not args.resume:        # a task brings its own tuned defaults
         from numformer.tasks import TASKS
 
         if settings["task"] in TASKS:
@@ -511,7 +514,8 @@ def _load_for_sampling(path: str):
 def _add_tokenize(sub) -> None:
     p = sub.add_parser("tokenize", help="print the token ids of TEXT")
     p.add_argument("--tokenizer", required=True, metavar="PATH",
-                   help="a folder (vocab.json + merges.txt, tokenizer.json, numformer_tokenizer.json) "
+                   help="a folder (a 'numformer train' run, vocab.json + merges.txt, tokenizer.json, "
+                        "numformer_tokenizer.json) "
                         "or a file (.tiktoken rank file, tokenizer.json)")
     p.add_argument("--allow-special", action="store_true",
                    help="turn literal special tokens such as <|endoftext|> into their ids")
@@ -520,9 +524,18 @@ def _add_tokenize(sub) -> None:
 
 
 def run_tokenize(args) -> int:
+    from numformer import checkpoint
     from numformer.pretrained import load_tokenizer
 
-    tok = load_tokenizer(args.tokenizer)
+    path = args.tokenizer
+    if not os.path.isfile(path):                       # a numformer run folder keeps it in checkpoint/
+        try:
+            folder = checkpoint.resolve(path)
+        except checkpoint.CheckpointError:
+            folder = path
+        if os.path.exists(os.path.join(folder, checkpoint.TOKENIZER_FILE)):
+            path = folder
+    tok = load_tokenizer(path)
     ids = tok.encode(" ".join(args.text), allowed_special=args.allow_special)
     print(" ".join(map(str, ids)))
     return 0
@@ -621,6 +634,7 @@ def run_finetune(args) -> int:
                                     save_classifier)
     from numformer.fileio import atomic_open
     from numformer.models.gpt2 import GPT2
+    from numformer.train import plural
 
     cfg = FinetuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)}).validate()
     texts, labels = read_labelled(args.train)
@@ -632,7 +646,7 @@ def run_finetune(args) -> int:
                         f"a classifier needs at least two classes")
     encoder, tokenizer = load_backbone(args.model)
     kind, pooling = ("GPT-2", "last") if isinstance(encoder, GPT2) else ("encoder", cfg.pooling or "mean")
-    print(f"numformer finetune: {len(texts)} training examples, {kind} {encoder.num_params:,} parameters"
+    print(f"numformer finetune: {plural(len(texts), 'training example')}, {kind} {encoder.num_params:,} parameters"
           f" ({'frozen' if cfg.freeze else 'trained'}), pooling {pooling}")
     result = finetune(encoder, tokenizer, texts, labels, val_texts, val_labels, cfg)
     save_classifier(result.model, args.out, tokenizer_from=args.model, tokenizer=tokenizer)
