@@ -278,12 +278,16 @@ def test_cpu_gelu_nonfinite(n, scale, isa, data):
 
 
 def test_gelu_of_infinities_pinned():
-    """GELU's limits: x → +inf gives +inf; x → −inf gives NaN in the tanh
-    formula as written (−inf · (1 + tanh(−inf)) = −inf · 0), as PyTorch."""
-    x = np.array([np.inf, -np.inf, np.nan, 0.0], np.float32)
-    with np.errstate(invalid="ignore"):
-        want, _ = gelu.forward_reference(x.astype(np.float64), "tanh")
-    check("gelu", _cpu.gelu_tanh_forward(x), want, 0, 0)
+    """GELU at ±inf as the tanh formula as written gives: +inf → +inf, −inf → NaN
+    (−inf · (1 + tanh(−inf)) = −inf · 0; was −inf), gelu'(±inf) = NaN (was −inf
+    at −inf), and an infinite dout where gelu' is 0 gives NaN (was −inf)."""
+    x = np.array([np.inf, -np.inf, np.nan, 0.0, -20.0], np.float32)
+    dout = np.array([1.0, 1.0, 1.0, 1.0, np.inf], np.float32)   # inf · gelu'(−20) = inf · 0 = NaN
+    with np.errstate(invalid="ignore", over="ignore"):
+        want, cache = gelu.forward_reference(x.astype(np.float64), "tanh")
+        wdx = gelu.backward_reference(dout.astype(np.float64), cache)
+    check("gelu", _cpu.gelu_tanh_forward(x), want, 0, 1e-30)
+    check("gelu backward", _cpu.gelu_tanh_backward(dout, x), wdx, 0, 1e-30)
 
 
 @cap(60)
