@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import numbers
 import os
 import time
 import typing
@@ -155,10 +156,10 @@ def check_type(name: str, value) -> None:
     base = next((t for t in args if t is not type(None)), kind)
     if value is None and optional:
         return
-    if base is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is float:                # numbers.Real/Integral: NumPy scalars count too
+        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
     elif base is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
     else:
         ok = isinstance(value, base)
     if not ok:
