@@ -311,3 +311,14 @@ def test_tokenize_and_tokenizer_group_help(run, capsys):
     assert len(ids) == len("the fox")
     assert main(["tokenizer"]) == 2
     assert "train a tokenizer" in capsys.readouterr().out
+
+
+def test_vocab_size_without_bpe_is_refused_not_ignored(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text(TEXT)
+    assert main(["train", "--data", str(tmp_path / "c.txt"), "--vocab-size", "300"]) == 2
+    assert "--vocab-size applies to --tokenizer bpe only" in error_line(capsys)
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "c.txt"), "--kind", "char", "--vocab-size", "300",
+                 "--out", str(tmp_path / "t.json")]) == 2
+    assert "--vocab-size applies to --kind bpe only" in error_line(capsys)
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "c.txt"), "--kind", "char",
+                 "--out", str(tmp_path / "t.json")]) == 0

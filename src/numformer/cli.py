@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = tok.add_parser("train", help="train a tokenizer on a text file (default: Python's docs)")
     p.add_argument("--data", help="UTF-8 text file (default: pydoc topics)")
     p.add_argument("--kind", choices=("bpe", "char"), default="bpe")
-    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="BPE vocabulary size (default: 512; a char tokenizer's is the data's characters)")
     p.add_argument("--out", required=True, help="where to write tokenizer.json")
     p.set_defaults(run=run_tokenizer_train)
     return parser
@@ -260,6 +261,11 @@ def _train_config(args):
     settings.update(explicit)
     if settings.get("task"):
         _check_task_settings(settings["task"], explicit, origin)
+    elif explicit.get("vocab_size") is not None and settings.get("tokenizer", "char") == "char" \
+            and not args.resume:
+        where = "--vocab-size" if origin.get("vocab_size") is None else f"'vocab_size' in {origin['vocab_size']}"
+        raise UserError(f"{where} applies to --tokenizer bpe only (a char tokenizer has one id per character "
+                        "of the data); add --tokenizer bpe or leave it out")
     if settings.get("task") and not args.resume:        # a task brings its own tuned defaults
         from numformer.tasks import TASKS
 
@@ -755,8 +761,12 @@ def run_tokenizer_train(args) -> int:
 
     text = read_text_file(args.data) if args.data else EOT_TOKEN.join(default_corpus())
     if args.kind == "char":
+        if args.vocab_size is not None:
+            raise UserError("--vocab-size applies to --kind bpe only (a char tokenizer has one id per "
+                            "character of the data)")
         tok = CharTokenizer.train(text)
     else:
+        args.vocab_size = 512 if args.vocab_size is None else args.vocab_size
         if args.vocab_size < 257:
             raise UserError(f"--vocab-size must be at least 257 for byte-level BPE, got {args.vocab_size}")
         tok = ByteBPETokenizer.train(text, args.vocab_size, progress=True)
