@@ -194,3 +194,9 @@ def test_atomic_directory_removes_only_older_leftovers(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".ckpt.notes", "ckpt"]
     assert json.load(open(final / "m.json"))["files"] == {"a.txt": 1}
     assert fileio.is_complete(final, "m.json")
+
+
+def test_library_resume_of_a_folder_without_any_checkpoint_says_so(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint"):
+        checkpoint.load_training_state(str(tmp_path / "run"))

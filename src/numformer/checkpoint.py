@@ -193,6 +193,9 @@ def load_training_state(path: str):
     """(optimizer_state dict, trainer_state dict) of a training checkpoint."""
     path = resolve(path)
     opt_file = os.path.join(path, OPTIMIZER_FILE)
+    if not os.path.exists(os.path.join(path, MODEL_FILE)):
+        raise CheckpointError(f"{path!r} holds no checkpoint (neither a {CHECKPOINT_DIR}/ folder, nor "
+                              f"{MODEL_FILE}, nor a complete copy left by an interrupted save)")
     if not os.path.exists(opt_file):
         raise CheckpointError(f"{path!r} has no optimizer state ({OPTIMIZER_FILE}); it cannot be resumed")
     try:
