@@ -305,13 +305,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
             result.losses = [(m["step"], m["loss"]) for m in rows if "loss" in m]
             result.val_losses = [(m["step"], m["val_loss"]) for m in rows if "val_loss" in m]
             return result
+        metrics = _read_metrics(metrics_path, up_to_step=start_step, log=log)
         tokenizer, data, baseline = build_data(cfg, checkpoint.load_tokenizer(ckpt_dir), log)
         if cfg.dropout != model.cfg.dropout:                      # the one model setting a resume may change
             model.cfg = replace(model.cfg, dropout=cfg.dropout)
         optimizer = make_optimizer(cfg, model)
         optimizer.load_state_dict(opt_state)
         rng.bit_generator.state = state["rng_state"]
-        metrics = _read_metrics(metrics_path, up_to_step=start_step, log=log)
         log(f"resuming from step {start_step} of {cfg.max_steps} ({ckpt_dir})")
     else:
         if extend_schedule:
