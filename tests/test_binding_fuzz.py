@@ -462,6 +462,18 @@ def test_every_integer_argument_is_fuzzed(module):
     assert not stale, f"cases for arguments that no longer exist: {sorted(stale)}"
 
 
+def test_the_signature_reader_finds_integer_arguments():
+    """The coverage test is only as good as this reader: a new binding with an integer
+    argument (pybind11 writes int, typing.SupportsInt or SupportsIndex) must show up."""
+    import types
+
+    def fn():
+        pass
+    fn.__doc__ = "new_op(x: object, pos0: typing.SupportsInt, n: int = 0, flag: bool = False) -> None\n\nDoc."
+    fake = types.SimpleNamespace(new_op=fn, Klass=type("Klass", (), {}), constant=3)
+    assert signature_int_params(fake) == {("new_op", "pos0"), ("new_op", "n"), ("class Klass", "")}
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_extreme_integers_grid(module):
     """Every integer argument, one at a time, at every extreme value."""
