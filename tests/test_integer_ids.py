@@ -134,3 +134,9 @@ def test_token_splits_refuse_float_tokens():
         TokenSplits(np.arange(100) + 0.5, block_size=4)
     assert len(TokenSplits(np.arange(100, dtype=np.uint16), block_size=4).train) == 90
 
+
+def test_classification_report_refuses_float_labels():
+    from numformer.finetune import classification_report
+    with pytest.raises(TypeError, match="y_pred has dtype float64"):
+        classification_report([0, 1], [0.0, 1.5], ["a", "b"])
+    assert classification_report([0, 1], np.array([0, 1]), ["a", "b"])["accuracy"] == 1.0

@@ -43,7 +43,9 @@ from typing import Sequence
 
 import numpy as np
 
+from numformer import backend
 from numformer.models.bert import BertConfig, BertModel, load_bert, param_shapes
+from numformer.configcheck import classifier_settings
 from numformer.models.gpt2 import GPT2, GPT2Config
 from numformer.models.gpt2 import param_shapes as gpt2_param_shapes
 from numformer.ops import cross_entropy, dense, dropout
@@ -83,7 +85,7 @@ def read_labelled(path: str | os.PathLike) -> tuple[list[str], list[str]]:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:          # RecursionError: a deeply nested line
                 raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or "label" not in obj \
                     or not isinstance(obj["label"], (str, int)) or isinstance(obj["label"], bool):
@@ -114,7 +116,8 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int], labels: 
     """Accuracy, per-class precision / recall / F1 / support, macro F1 and the confusion
     matrix (rows: true class, columns: predicted class). An undefined ratio (0/0) is 0."""
     L = len(labels)
-    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    y_true, y_pred = (backend.int_array(y, "classification_report", name).astype(np.int64, copy=False)
+                      for y, name in ((y_true, "y_true"), (y_pred, "y_pred")))   # 1.5 refused, not truncated
     cm = np.zeros((L, L), dtype=np.int64)
     np.add.at(cm, (y_true, y_pred), 1)
     tp = np.diag(cm).astype(np.float64)
@@ -518,10 +521,9 @@ def load_classifier(folder: str | os.PathLike, dtype=np.float32):
     if _is_gpt2_config(read_config(folder)):
         return _load_gpt2_classifier(folder, dtype)
     encoder = load_bert(folder, dtype=dtype)
-    with open(cfg_path, "rb") as f:
-        raw = json.loads(f.read().decode("utf-8"))
+    raw = read_config(folder)
     labels = _labels_from_config(raw, cfg_path)
-    pooling = (raw.get("numformer") or {}).get("pooling", "pooler")
+    pooling = classifier_settings(raw, cfg_path, POOLINGS, default_pooling="pooler")["pooling"]
     model = BertClassifier(encoder.cfg, labels, pooling, dtype=dtype, pooler=encoder.has_pooler)
     model.flat[:model.n_encoder] = encoder.flat
     st_path = os.path.join(folder, "model.safetensors")
@@ -560,8 +562,7 @@ def _load_gpt2_classifier(folder: str, dtype=np.float32) -> tuple[GPT2Classifier
     flat, _ = pretrained.read_gpt2_weights(folder, cfg, model.layout, dtype)   # checks every name and shape
     model.flat[...] = flat
     model.hf_config = raw
-    max_length = (raw.get("numformer") or {}).get("max_length")
-    model.max_length = max_length if isinstance(max_length, int) and max_length > 0 else None
+    model.max_length = classifier_settings(raw, cfg_path, GPT2_POOLINGS, default_pooling="last")["max_length"]
     return model, pretrained.load_tokenizer(folder)
 
 
@@ -761,7 +762,8 @@ def finetune(encoder: BertModel | GPT2, tokenizer, train_texts, train_labels, va
             bad += 1
             if bad >= cfg.patience:
                 stopped = epoch < cfg.epochs
-                log(f"early stop: no better validation loss for {cfg.patience} epochs (best: epoch {best_epoch})")
+                log(f"early stop: no better validation loss for {cfg.patience} epoch{'s' if cfg.patience != 1 else ''} "
+                    f"(best: epoch {best_epoch})")
                 break
     model.flat[...] = best_flat
     _, report = evaluate(model, va_rows, y_va, pad, features=va_feats)
