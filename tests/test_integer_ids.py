@@ -8,6 +8,8 @@ failed with an IndexError. Every path must now raise the same TypeError,
 naming the argument and its dtype, on every backend.
 """
 
+import os
+
 import numpy as np
 import pytest
 
@@ -140,3 +142,15 @@ def test_classification_report_refuses_float_labels():
     with pytest.raises(TypeError, match="y_pred has dtype float64"):
         classification_report([0, 1], [0.0, 1.5], ["a", "b"])
     assert classification_report([0, 1], np.array([0, 1]), ["a", "b"])["accuracy"] == 1.0
+
+
+def test_bert_refuses_float_ids_and_token_types():
+    """BERT's own checks run before the embedding op: float token types used to be an IndexError."""
+    from numformer.models.bert import load_bert
+    model = load_bert(os.path.join(os.path.dirname(__file__), "fixtures", "tiny-bert"))
+    ids = np.array([[1, 2, 3]])
+    with pytest.raises(TypeError, match="ids has dtype float64"):
+        model.forward(ids.astype(np.float64))
+    with pytest.raises(TypeError, match="token_type_ids has dtype float64"):
+        model.forward(ids, token_type_ids=np.zeros((1, 3)))
+    model.forward(ids, token_type_ids=np.zeros((1, 3), dtype=np.int32))     # any integer dtype is fine
