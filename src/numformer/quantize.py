@@ -60,6 +60,7 @@ import numpy as np
 from numformer import backend, safetensors
 from numformer.checkpoint import CheckpointError
 from numformer.fileio import atomic_directory, atomic_write_json
+from numformer.intargs import int_array
 from numformer.models.gpt2 import GPT2, GPT2Config, param_shapes
 from numformer.ops import embedding, linear
 
@@ -240,7 +241,7 @@ class QuantizedGPT2(GPT2):
         """wte[ids] + wpe: with an int8 head the rows ``s[v]·q_head[:, v]`` of the looked-up ids only."""
         if self.head is None:
             return super()._embed(ids, pos0, positions)
-        ids = backend.int_array(ids, "embedding", "ids")   # as embedding.forward: floats refused, not cast
+        ids = int_array(ids, "embedding", "ids")   # as embedding.forward: floats refused, not cast
         uniq, inv = np.unique(ids, return_inverse=True)
         rows = linear.int8_columns(self.head.packed, uniq).astype(np.float32) \
             * self.head.scale[uniq][:, None]                                    # (U, C) = dequantized rows

@@ -37,6 +37,7 @@ import numpy as np
 from numformer import backend, jsonfile
 from numformer.configcheck import (MAX_LAYERS, Bool, Choice, Epsilon, Float, Int, Prob, check_fields, check_keys,
                                    check_param_count, checked, fail, from_mapping)
+from numformer.intargs import int_array
 from numformer.ops import attention, dense, dropout, embedding, gelu, layernorm
 from numformer.params import ParamLayout
 
@@ -223,7 +224,7 @@ class BertModel:
         all ones; token_type_ids: (B, T) int, default zeros
         -> hidden (B, T, C), pooled (B, C) or None, cache for :meth:`backward`."""
         cfg, p = self.cfg, self.params
-        ids = backend.int_array(ids, "BertModel.forward", "ids")          # 1.5 refused, not truncated
+        ids = int_array(ids, "BertModel.forward", "ids")          # 1.5 refused, not truncated
         if ids.ndim != 2:
             raise ValueError(f"ids must be (B, T), got shape {ids.shape}")
         B, T = ids.shape
@@ -233,7 +234,7 @@ class BertModel:
             raise ValueError(f"sequence of {T} tokens exceeds max_position_embeddings "
                              f"({cfg.max_position_embeddings}); truncate it")
         tt = (np.zeros_like(ids) if token_type_ids is None
-              else backend.int_array(token_type_ids, "BertModel.forward", "token_type_ids"))
+              else int_array(token_type_ids, "BertModel.forward", "token_type_ids"))
         if tt.shape != ids.shape:
             raise ValueError(f"token_type_ids {tt.shape} do not match ids {ids.shape}")
         if tt.size and (tt.min() < 0 or tt.max() >= cfg.type_vocab_size):

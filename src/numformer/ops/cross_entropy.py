@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from numformer import backend
+from numformer.intargs import int_array, int_scalar
 
 
 class _FusedCache(NamedTuple):
@@ -42,8 +43,8 @@ def forward(logits: np.ndarray, targets: np.ndarray, ignore_index: int = -100, *
     memory (on the cpu backend; it saves allocating and faulting in a second
     (N, V) array, ~200 MB for GPT-2 at N = 1024).
     """
-    targets = backend.int_array(targets, "cross_entropy", "targets")  # 1.5 is refused, not truncated
-    ignore_index = backend.int_scalar(ignore_index, "cross_entropy", "ignore_index")
+    targets = int_array(targets, "cross_entropy", "targets")  # 1.5 is refused, not truncated
+    ignore_index = int_scalar(ignore_index, "cross_entropy", "ignore_index")
     if backend.fused(logits) and logits.ndim >= 1:
         V = logits.shape[-1]
         z = np.ascontiguousarray(logits).reshape(-1, V)              # (N, V)
@@ -69,7 +70,7 @@ def backward(dloss: float, cache) -> np.ndarray:
 
 def forward_reference(logits: np.ndarray, targets: np.ndarray, ignore_index: int = -100):
     """logits: (..., V), targets: (...) int -> scalar loss, cache."""
-    targets = backend.int_array(targets, "cross_entropy", "targets")
+    targets = int_array(targets, "cross_entropy", "targets")
     V = logits.shape[-1]
     z = logits.reshape(-1, V)                                    # (N, V)
     y = targets.reshape(-1)                                      # (N,)

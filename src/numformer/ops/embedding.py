@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from numformer import backend
+from numformer.intargs import int_array, int_scalar
 
 
 def forward(ids: np.ndarray, wte: np.ndarray, wpe: np.ndarray, pos0: int = 0,
@@ -31,8 +32,8 @@ def forward(ids: np.ndarray, wte: np.ndarray, wpe: np.ndarray, pos0: int = 0,
     ``positions``: (B, T) int or None — each token's own position instead (batched
     generation with left padding, where rows start at different positions).
     """
-    ids = backend.int_array(ids, "embedding", "ids")      # 1.5 is refused, not truncated to 1
-    pos0 = backend.int_scalar(pos0, "embedding", "pos0")
+    ids = int_array(ids, "embedding", "ids")      # 1.5 is refused, not truncated to 1
+    pos0 = int_scalar(pos0, "embedding", "pos0")
     B, T = ids.shape
     if positions is None:
         if pos0 < 0:                                    # wpe[-1:T-1] would be an empty or wrong slice
@@ -41,7 +42,7 @@ def forward(ids: np.ndarray, wte: np.ndarray, wpe: np.ndarray, pos0: int = 0,
             raise ValueError(f"sequence of length {pos0 + T} exceeds the context of {wpe.shape[0]} positions")
         out = wte[ids] + wpe[pos0:pos0 + T]             # (B, T, C) + (T, C) broadcast over B
         return out, (ids, wte.shape, wpe.shape, pos0)
-    positions = backend.int_array(positions, "embedding", "positions")
+    positions = int_array(positions, "embedding", "positions")
     if positions.shape != ids.shape:
         raise ValueError(f"positions must have the shape of ids {ids.shape}, got {positions.shape}")
     if positions.size and (positions.min() < 0 or positions.max() >= wpe.shape[0]):
