@@ -43,7 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
-from numformer import backend
+from numformer import intargs
 from numformer.models.bert import BertConfig, BertModel, load_bert, param_shapes
 from numformer.configcheck import classifier_settings
 from numformer.models.gpt2 import GPT2, GPT2Config
@@ -116,7 +116,7 @@ def classification_report(y_true: Sequence[int], y_pred: Sequence[int], labels: 
     """Accuracy, per-class precision / recall / F1 / support, macro F1 and the confusion
     matrix (rows: true class, columns: predicted class). An undefined ratio (0/0) is 0."""
     L = len(labels)
-    y_true, y_pred = (backend.int_array(y, "classification_report", name).astype(np.int64, copy=False)
+    y_true, y_pred = (intargs.int_array(y, "classification_report", name).astype(np.int64, copy=False)
                       for y, name in ((y_true, "y_true"), (y_pred, "y_pred")))   # 1.5 refused, not truncated
     cm = np.zeros((L, L), dtype=np.int64)
     np.add.at(cm, (y_true, y_pred), 1)
