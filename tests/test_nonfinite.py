@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - built without the emulator
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from kernel_settings import using_isa  # noqa: E402  (tests/kernel_settings.py)
+from test_cpu_attention import reference as cpu_attention_reference  # noqa: E402
 
 from numformer import backend  # noqa: E402
 from numformer.backend import _masked_logits  # noqa: E402
@@ -319,23 +320,15 @@ def test_cpu_cross_entropy_nonfinite(N, V, isa, data):
 # ---------------------------------------------------------------------------
 
 def attention_reference(q, k, v, dout, causal, key_mask):
-    """float64 forward + backward of the specification, and its log-sum-exp."""
-    q, k, v, dout = (x.astype(np.float64) for x in (q, k, v, dout))
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
-    with backend.use("numpy"), np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        out, cache = attention.forward_reference(q, k, v, causal, key_mask)
-        dq, dk, dv = attention.backward_reference(dout, cache)
-        s = np.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(D)
-        allowed = attention.build_mask(Tq, Tk, causal, key_mask)
-        allowed = np.ones((1, 1, Tq, Tk), bool) if allowed is None else allowed
-        s = np.where(allowed, s, -np.inf)
-        m = s.max(-1, keepdims=True) if Tk else np.full((B, H, Tq, 1), -np.inf)   # NaN wins
-        ms = np.where(np.isneginf(m), 0, m)
-        lse = (np.log(np.exp(s - ms).sum(-1, keepdims=True)) + ms)[..., 0]
-        seen = np.broadcast_to(allowed.any(-1), lse.shape)
-        lse = np.where(seen & np.isneginf(m[..., 0]), np.nan, lse)             # visible, all −inf: 0/0
-    return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+    """float64 forward + backward of the specification and its log-sum-exp
+    (test_cpu_attention's reference), with the non-finite rule for L: a query
+    that sees keys whose scores are all −inf gets NaN (0/0), not −inf."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        r = cpu_attention_reference(q, k, v, dout, causal, key_mask, 1.0 / math.sqrt(q.shape[-1]))
+    allowed = attention.build_mask(q.shape[2], k.shape[2], causal, key_mask)
+    seen = allowed.any(-1) if allowed is not None else k.shape[2] > 0
+    lse = np.where(seen & np.isneginf(r["lse"]), np.nan, r["lse"])    # −inf only where m = −inf
+    return dict(out=r["out"], lse=lse, dq=r["dq"], dk=r["dk"], dv=r["dv"])
 
 
 def attention_inputs(data, B, H, Tq, Tk, D, mode):
