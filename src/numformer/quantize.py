@@ -47,6 +47,10 @@ Folder layout (written atomically)::
 ``numformer sample`` load such a folder transparently (they see the
 ``quantization`` entry and call :func:`load_quantized`). Folders of format
 version 1 (before int8 heads: no ``int8_head``, float ``wte``) still load.
+
+The measured error that ``numformer quantize`` reports (weights and logits,
+float against int8) is :mod:`numformer.quantize_report`; its
+``format_summary`` and ``probe_logits_error`` are re-exported here.
 """
 
 from __future__ import annotations
@@ -63,10 +67,11 @@ from numformer.fileio import atomic_directory, atomic_write_json
 from numformer.intargs import int_array
 from numformer.models.gpt2 import GPT2, GPT2Config, param_shapes
 from numformer.ops import embedding, linear
+from numformer.quantize_report import format_summary, measure_int8_copy, probe_logits_error  # re-exported
 
 __all__ = ["QUANT_MODULES", "Int8Weight", "QuantizedGPT2", "QuantizedModelError", "quantize_weight",
            "dequantize_weight", "quantize_model", "save_quantized", "load_quantized", "quantize_checkpoint",
-           "is_quantized"]
+           "is_quantized", "format_summary", "probe_logits_error"]
 
 #: The per-block Conv1D layers whose weights become int8.
 QUANT_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -526,68 +531,6 @@ def _load_source(path: str):
     return model, pretrained.gpt2_config_to_hf(model.cfg, config), folder
 
 
-def _max_rel_error(w: np.ndarray, wq: Int8Weight) -> float:
-    """max over columns of max_i |w − q·s| / max_i |w|.
-
-    Kept for callers of the summary, but not a useful quality figure: in any
-    column of more than a few elements one of them rounds by nearly half a
-    step, so this is the rounding bound 1/254 to three digits, whatever the
-    weights. :func:`_weight_errors` and :func:`probe_logits_error` measure.
-    """
-    amax = np.max(np.abs(w), axis=0)
-    err = np.max(np.abs(w - wq.dequantize()), axis=0)
-    return float(np.max(np.divide(err, amax, out=np.zeros_like(err), where=amax > 0), initial=0.0))
-
-
-def _weight_errors(pairs) -> dict:
-    """Measured reconstruction error of ``(name, w, Int8Weight)`` triples.
-
-    Per tensor, the relative RMS error ``‖w − q·s‖_F / ‖w‖_F`` (float64 sums);
-    returns the figure over all the tensors together (``rel_rms``), the worst
-    tensor's (``worst_rel_rms``, ``worst_name``) and the largest absolute
-    element error (``max_abs``).
-    """
-    num = den = 0.0
-    worst, worst_name, max_abs = 0.0, None, 0.0
-    for name, w, wq in pairs:
-        diff = w.astype(np.float64) - wq.dequantize().astype(np.float64)
-        e2, w2 = float(np.sum(diff * diff)), float(np.sum(np.square(w, dtype=np.float64)))
-        num, den = num + e2, den + w2
-        rel = float(np.sqrt(e2 / w2)) if w2 > 0 else 0.0
-        if worst_name is None or rel > worst:
-            worst, worst_name = rel, name
-        max_abs = max(max_abs, float(np.max(np.abs(diff), initial=0.0)))
-    return {"rel_rms": float(np.sqrt(num / den)) if den > 0 else 0.0, "worst_rel_rms": worst,
-            "worst_name": worst_name, "max_abs": max_abs}
-
-
-PROBE_TOKENS = 64
-
-
-def probe_logits_error(model: GPT2, qmodel, ids: np.ndarray | None = None) -> dict:
-    """Logits of the float model and its int8 copy on one probe input, compared.
-
-    ``ids`` defaults to ``PROBE_TOKENS`` (at most the context) token ids drawn
-    from a fixed seed, so the figure is reproducible. Returns ``max_abs``
-    (max |Δlogit|), ``rel_rms`` (RMS of Δlogit / RMS of the float logits),
-    ``top1_agree`` (fraction of positions whose argmax token is unchanged)
-    and ``tokens`` (how many positions were compared).
-    """
-    cfg = model.cfg
-    if ids is None:
-        T = min(PROBE_TOKENS, cfg.n_positions)
-        ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(1, T))
-    ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-    ref = model.forward(ids)[0].astype(np.float64)
-    got = qmodel.forward(ids)[0].astype(np.float64)
-    diff = got - ref
-    ref_rms = float(np.sqrt(np.mean(ref * ref)))
-    return {"max_abs": float(np.max(np.abs(diff))),
-            "rel_rms": float(np.sqrt(np.mean(diff * diff))) / ref_rms if ref_rms > 0 else 0.0,
-            "top1_agree": float(np.mean(np.argmax(ref, -1) == np.argmax(got, -1))),
-            "tokens": int(ids.size)}
-
-
 def quantize_checkpoint(src: str, dst: str, int8_head: bool = True) -> dict:
     """``numformer quantize``: read IN (numformer or Hugging Face GPT-2), write OUT as int8.
 
@@ -597,10 +540,10 @@ def quantize_checkpoint(src: str, dst: str, int8_head: bool = True) -> dict:
 
     - ``weight_error``: relative RMS reconstruction error ``‖w − q·s‖ / ‖w‖``
       of the block weights, over all of them and for the worst tensor, and
-      the largest absolute element error (:func:`_weight_errors`);
+      the largest absolute element error (:func:`numformer.quantize_report.weight_errors`);
     - ``head_error``: the same for the int8 head (None with a float head);
     - ``logits_error``: the float and the int8 model's logits on a fixed
-      probe input (:func:`probe_logits_error`).
+      probe input (:func:`numformer.quantize_report.probe_logits_error`).
 
     ``max_rel_error`` / ``head_max_rel_error`` (the per-channel
     ``max |w − q·s| / max|w|``) stay in the summary for compatibility; they
@@ -614,38 +557,10 @@ def quantize_checkpoint(src: str, dst: str, int8_head: bool = True) -> dict:
     qmodel = quantize_model(model, int8_head=int8_head)
     save_quantized(qmodel, dst, config=config, copy_from=folder)
     written = load_quantized(dst, read_config(dst))    # measure what is on disk, not in memory
-    worst = max((_max_rel_error(model.params[n], w) for n, w in written.qweights.items()), default=0.0)
-    head_err = head_error = None
-    if written.head is not None:
-        head_t = np.ascontiguousarray(model.params[HEAD_NAME].T)
-        head_err = _max_rel_error(head_t, written.head)
-        head_error = _weight_errors([(HEAD_NAME, head_t, written.head)])
-    weight_error = _weight_errors((n, model.params[n], w) for n, w in written.qweights.items())
     src_file = os.path.join(folder, MODEL_FILE)
     return {"source_bytes": os.path.getsize(src_file) if os.path.exists(src_file) else None,
             "int8_bytes": os.path.getsize(os.path.join(dst, MODEL_FILE)),
             "quantized_params": sum(w.size for w in written.qweights.values())
             + (written.head.size if written.head is not None else 0),
             "float_params": written.layout.size, "int8_head": written.int8_head,
-            "weight_error": weight_error, "head_error": head_error,
-            "logits_error": probe_logits_error(model, written),
-            "max_rel_error": worst, "head_max_rel_error": head_err}
-
-
-def format_summary(info: dict, out: str) -> str:
-    """The lines ``numformer quantize`` prints for a :func:`quantize_checkpoint` summary."""
-    src = info["source_bytes"]
-    ratio = f" ({info['int8_bytes'] / src:.2f}x of {src / 1e6:.1f} MB)" if src else ""
-    we, lg = info["weight_error"], info["logits_error"]
-    head = "int8 head" if info["int8_head"] else "float32 head"
-    lines = [f"wrote {out}: {info['int8_bytes'] / 1e6:.1f} MB{ratio}; "
-             f"{info['quantized_params']:,} weights int8, {info['float_params']:,} float32, {head}",
-             f"measured weight error ||w - q*s|| / ||w||: {we['rel_rms']:.2e} over the int8 blocks "
-             f"(worst tensor {we['worst_name']}: {we['worst_rel_rms']:.2e}; max |w - q*s| {we['max_abs']:.2e})"]
-    if info.get("head_error") is not None:
-        lines.append(f"measured head error ||wte - q*s|| / ||wte||: {info['head_error']['rel_rms']:.2e} "
-                     f"(max |w - q*s| {info['head_error']['max_abs']:.2e})")
-    lines.append(f"logits on a {lg['tokens']}-token probe: max |diff| {lg['max_abs']:.2e}, "
-                 f"RMS diff / RMS logit {lg['rel_rms']:.2e}, same top-1 token at {lg['top1_agree']:.1%} "
-                 f"of positions")
-    return "\n".join(lines)
+            **measure_int8_copy(model, written, HEAD_NAME)}
