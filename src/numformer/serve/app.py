@@ -39,7 +39,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from numformer.serve.engine import Delta, Done, Embeddings, Engine, Failed, Finish, Job
-from numformer.serve.errors import APIError, invalid, not_found
+from numformer.serve.errors import APIError, invalid, not_found, server_error
 from numformer.serve.models import COMPLETION, EMBEDDING, ServedModel, check_embedding_inputs, plan_completion
 from numformer.serve.protocol import Limits, parse_completion, parse_embedding, parse_json
 
@@ -267,8 +267,7 @@ async def _stream_completion(job: Job, events: _Events, head: dict, prompt_token
                     break
         except Exception as exc:                   # a bug of ours: say so in-band, end the stream cleanly
             log.exception("streamed completion failed")
-            yield _sse(APIError(f"internal error ({type(exc).__name__})", status=500,
-                                type="server_error").to_dict())
+            yield _sse(server_error(f"internal error ({type(exc).__name__})").to_dict())
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()                               # the client left (or we are done): drop its rows
@@ -358,8 +357,7 @@ class _CatchAll:
             log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
             if started:
                 raise
-            err = APIError(f"internal error ({type(exc).__name__})", status=500, type="server_error")
-            await _json(err.to_dict(), 500)(scope, receive, send)
+            await _json(server_error(f"internal error ({type(exc).__name__})").to_dict(), 500)(scope, receive, send)
 
 
 # ----------------------------------------------------------------------------- the app
