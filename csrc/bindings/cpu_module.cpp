@@ -359,26 +359,27 @@ with no finite entry (fully masked) gives all zeros; a row containing NaN or
     register_quant(m);
     register_output_cache(m);
 
-    // As set_num_threads' cap: OpenMP asked for 2**31 threads aborts the process.
-    constexpr int kMaxBenchThreads = 1024;
+    // set_num_threads' cap: OpenMP asked for 2**31 threads aborts the process.
+    const auto require_threads = [](const char* fn, int threads) {
+        if (threads < 1 || threads > nc::kMaxThreads)
+            throw py::value_error(std::string(fn) + ": threads must be in [1, " + std::to_string(nc::kMaxThreads) +
+                                  "], got " + std::to_string(threads));
+    };
     m.def("measure_fma_peak",
-          [](double seconds, int threads) {
+          [require_threads](double seconds, int threads) {
               if (!(seconds > 0) || seconds > 60)
                   throw py::value_error("measure_fma_peak: seconds must be in (0, 60]");
-              if (threads < 1 || threads > kMaxBenchThreads)
-                  throw py::value_error("measure_fma_peak: threads must be in [1, 1024], got " + std::to_string(threads));
+              require_threads("measure_fma_peak", threads);
               py::gil_scoped_release release;
               return nc::measure_fma_peak(seconds, threads);
           },
           py::arg("seconds") = 0.5, py::arg("threads") = 1,
           "GFLOP/s of an FMA-bound loop (widest vectors of the active ISA) on `threads` threads.");
     m.def("measure_copy_bandwidth",
-          [](std::int64_t nbytes, int threads) {
+          [require_threads](std::int64_t nbytes, int threads) {
               if (nbytes < 1 || nbytes > (std::int64_t(1) << 36))
                   throw py::value_error("measure_copy_bandwidth: nbytes must be in [1, 2**36]");
-              if (threads < 1 || threads > kMaxBenchThreads)
-                  throw py::value_error("measure_copy_bandwidth: threads must be in [1, 1024], got " +
-                                        std::to_string(threads));
+              require_threads("measure_copy_bandwidth", threads);
               py::gil_scoped_release release;
               return nc::measure_copy_bandwidth(nbytes, threads);
           },

@@ -17,8 +17,6 @@
 namespace numformer::cpu {
 namespace {
 
-constexpr int kMaxThreads = 1024;
-
 // Parse a positive decimal integer; anything else (empty, "abc", "0", "4x")
 // is rejected so that a typo does not silently mean "one thread".
 bool parse_positive_int(const char* text, int* out) {

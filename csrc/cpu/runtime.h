@@ -42,8 +42,9 @@ namespace numformer::cpu {
 using index_t = std::int64_t;
 
 // ---- threads --------------------------------------------------------------
+inline constexpr int kMaxThreads = 1024;  // more is refused or capped (OpenMP aborts on 2**31)
 int num_threads();            // threads a kernel may use (>= 1)
-void set_num_threads(int n);  // n >= 1; n is capped at 1024
+void set_num_threads(int n);  // n >= 1; n is capped at kMaxThreads
 bool have_openmp();
 // A message if NUMFORMER_NUM_THREADS / NUMFORMER_ISA held something we could
 // not use (the bindings turn it into a Python warning); empty otherwise.
