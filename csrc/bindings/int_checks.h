@@ -17,7 +17,6 @@
 #include <cstdint>
 #include <limits>
 #include <string>
-#include <vector>
 
 namespace numformer::bindings {
 
@@ -59,8 +58,9 @@ inline std::int64_t checked_mul(std::int64_t a, std::int64_t b, const std::strin
 // >= 0, and the product of the non-zero dimensions times `itemsize` fits in
 // 63 bits — so the product of any subset of the dimensions (a row stride, a
 // byte count) fits too, even when a zero dimension makes the array empty.
-inline std::int64_t checked_numel(const std::vector<std::int64_t>& shape, const std::string& fn,
-                                  std::int64_t itemsize = 1) {
+// `shape`: any sequence of integer dimensions (a Shape, NumPy's py::ssize_t vector).
+template <class Dims>
+std::int64_t checked_numel(const Dims& shape, const std::string& fn, std::int64_t itemsize = 1) {
     std::int64_t bytes = itemsize;
     bool empty = false;
     for (std::int64_t d : shape) {

@@ -50,8 +50,7 @@ bool output_cache_enabled();  // false when NUMFORMER_OUTPUT_CACHE_MB=0
 // small block that the kernel then fills as the huge array the shape describes.
 template <typename T>
 py::array_t<T> new_output(const std::vector<py::ssize_t>& shape) {
-    const std::vector<std::int64_t> dims(shape.begin(), shape.end());
-    const std::size_t bytes = static_cast<std::size_t>(checked_numel(dims, "result array", sizeof(T))) * sizeof(T);
+    const std::size_t bytes = static_cast<std::size_t>(checked_numel(shape, "result array", sizeof(T))) * sizeof(T);
     if (bytes < kCacheMinBytes || !output_cache_enabled()) return py::array_t<T>(shape);
     CachedBlock block = acquire_block(bytes);
     return py::array_t<T>(shape, static_cast<T*>(block.data), block.owner);
