@@ -69,13 +69,16 @@ struct DeviceArray {
     std::shared_ptr<void> mem;
     Shape shape;
     DType dtype = DType::f32;
+    std::int64_t count = 0;  // elements, checked by the constructor
+
+    static std::size_t itemsize_of(DType dt) { return dt == DType::f32 ? 4 : 1; }
 
     DeviceArray() = default;
     // The element count is checked (dimensions >= 0, at most 2**63 - 1 bytes)
     // before anything is allocated: a wrapped byte count would allocate a small
     // block that the kernels then index as the large array it claims to be.
     DeviceArray(const Shape& s, DType dt)
-        : shape(s), dtype(dt), count(numformer::bindings::checked_numel(s, "DeviceArray", dt == DType::f32 ? 4 : 1)) {
+        : shape(s), dtype(dt), count(numformer::bindings::checked_numel(s, "DeviceArray", itemsize_of(dt))) {
         require_device();
         const std::size_t n = nbytes();
         void* p = nullptr;
@@ -84,8 +87,7 @@ struct DeviceArray {
             if (q) cudaFree(q);
         });
     }
-    std::size_t itemsize() const { return dtype == DType::f32 ? 4 : 1; }
-    std::int64_t count = 0;  // elements, checked by the constructor
+    std::size_t itemsize() const { return itemsize_of(dtype); }
     std::size_t size() const { return std::size_t(count); }
     std::size_t nbytes() const { return size() * itemsize(); }
     void* ptr() const { return mem.get(); }
