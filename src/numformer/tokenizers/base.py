@@ -60,13 +60,14 @@ def as_id_list(ids: Iterable[int], vocab_size: int) -> list[int]:
     element raises TypeError naming the value and its position; an id
     outside ``[0, vocab_size)`` raises ValueError naming it and its position.
     """
+    int_arr = None                                  # an integer array: its range is checked by NumPy
     if isinstance(ids, (np.ndarray, np.generic)):
         arr = np.asarray(ids)
         if arr.ndim > 1:
             raise TypeError(f"token ids must be one-dimensional, got an array of shape {arr.shape}")
         arr = arr.reshape(-1)
         if arr.dtype.kind in "iu":                  # the fast path: a whole integer array at once
-            out = arr.tolist()
+            out, int_arr = arr.tolist(), arr
         else:
             out = _check_ints(arr.tolist())
     elif isinstance(ids, (str, bytes, bytearray)):
@@ -79,7 +80,7 @@ def as_id_list(ids: Iterable[int], vocab_size: int) -> list[int]:
                             f"{ids!r:.60}") from None
         out = _check_ints(items)
     if out:
-        lo, hi = min(out), max(out)
+        lo, hi = (int(int_arr.min()), int(int_arr.max())) if int_arr is not None else (min(out), max(out))
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} at position {out.index(bad)} is outside the "
