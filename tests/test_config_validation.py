@@ -65,7 +65,7 @@ GPT2_BAD = [
     ("n_layer", True), ("n_layer", "two"), ("n_layer", 2.0), ("n_layer", 0), ("n_layer", -1),
     ("n_layer", 2**40), ("n_layer", 10**6), ("n_positions", 2**40), ("n_head", False), ("n_head", 3), ("n_embd", 64.5), ("n_positions", None),
     ("vocab_size", True), ("vocab_size", 0), ("n_inner", 0), ("n_inner", True), ("n_inner", "256"),
-    ("activation_function", "relu"), ("activation_function", None),
+    ("activation_function", "relu"), ("activation_function", None), ("activation_function", []),
     ("resid_pdrop", 1.0), ("resid_pdrop", -0.1), ("resid_pdrop", "0.1"), ("resid_pdrop", True),
     ("resid_pdrop", NAN), ("attn_pdrop", 1.5), ("embd_pdrop", "x"), ("initializer_range", NAN),
     ("initializer_range", -0.02), ("n_ctx", "32"), ("scale_attn_weights", 1), ("scale_attn_weights", "true"),

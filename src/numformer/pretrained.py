@@ -182,7 +182,7 @@ def gpt2_config_from_hf(d: dict, source: str = CONFIG) -> GPT2Config:
             raise PretrainedError(f"{source}: {key}={d[key]!r} is not supported (numformer's GPT-2 "
                                   f"implements {key}={expected!r})")
     act = d.get("activation_function", "gelu_new")
-    if act not in ACTIVATIONS:
+    if not isinstance(act, str) or act not in ACTIVATIONS:     # a list is not even hashable
         raise PretrainedError(f"{source}: activation_function {act!r} is not supported "
                               f"(supported: {', '.join(ACTIVATIONS)})")
     kw = {"vocab_size": d.get("vocab_size", 50257), "n_positions": d.get("n_positions", d.get("n_ctx", 1024)),
