@@ -28,6 +28,8 @@ import time
 from collections.abc import Iterator
 from typing import IO, Any
 
+from numformer import jsonfile
+
 __all__ = [
     "atomic_open",
     "atomic_write_bytes",
@@ -244,9 +246,8 @@ def _write_manifest(folder: str, manifest: str) -> None:
 
 def _read_manifest(folder: str, manifest: str) -> dict | None:
     try:
-        with open(os.path.join(folder, manifest), encoding="utf-8") as f:
-            m = json.load(f)
-    except (OSError, ValueError, RecursionError):     # RecursionError: a deeply nested file
+        m = jsonfile.load(os.path.join(folder, manifest))
+    except (OSError, jsonfile.JSONFileError):          # absent, unreadable or not JSON: not complete
         return None
     if not (isinstance(m, dict) and isinstance(m.get("files"), dict) and isinstance(m.get("created_ns"), int)):
         return None
