@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 
+from numformer import checkpoint
 from numformer.cli_errors import UserError
 
 
@@ -52,10 +53,10 @@ def train_config(args):
         raise UserError("--extend-schedule stretches the schedule to --max-steps; leave --schedule-steps out")
     if args.resume:
         run_dir, saved = resume_settings(args.resume)
-        check_settings({k: v for k, v in saved.items() if k != "out"},
-                       os.path.join(run_dir, "checkpoint", "trainer_state.json"))
+        state_file = os.path.join(run_dir, checkpoint.CHECKPOINT_DIR, checkpoint.STATE_FILE)
+        check_settings({k: v for k, v in saved.items() if k != "out"}, state_file)
         settings.update(saved)
-        origin.update(dict.fromkeys(saved, os.path.join(run_dir, "checkpoint", "trainer_state.json")))
+        origin.update(dict.fromkeys(saved, state_file))
         if args.extend_schedule:
             settings.pop("schedule_steps", None)
     explicit: dict = {}
