@@ -394,8 +394,16 @@ class ResumeError(ValueError):
     """A resume whose settings conflict with the checkpoint it continues."""
 
 
-# settings a resumed run takes from its checkpoint: (name, what it fixes)
+# settings a resumed run takes from its checkpoint's saved training settings
 _FROM_CHECKPOINT = ("tokenizer", "vocab_size", "task", "optimizer", "seed")
+
+
+def _checkpoint_shape(model_cfg, task) -> dict:
+    """The shape settings a checkpoint's model config fixes (a task's context is the task's)."""
+    shape = {"n_layer": model_cfg.n_layer, "n_head": model_cfg.n_head, "n_embd": model_cfg.n_embd}
+    if not task:
+        shape["block_size"] = model_cfg.n_positions
+    return shape
 
 
 def _check_resume(cfg: TrainConfig, model_cfg, saved: dict, ckpt_dir: str, extend_schedule: bool, log) -> None:
@@ -405,9 +413,7 @@ def _check_resume(cfg: TrainConfig, model_cfg, saved: dict, ckpt_dir: str, exten
     older trainer_state.json recorded a flag that was never applied); the
     tokenizer, task, optimizer and seed from its saved training settings.
     """
-    shape = {"n_layer": model_cfg.n_layer, "n_head": model_cfg.n_head, "n_embd": model_cfg.n_embd}
-    if not (cfg.task or saved.get("task")):
-        shape["block_size"] = model_cfg.n_positions
+    shape = _checkpoint_shape(model_cfg, cfg.task or saved.get("task"))
     conflicts = [(name, getattr(cfg, name), value) for name, value in shape.items() if getattr(cfg, name) != value]
     for name in _FROM_CHECKPOINT:
         if name in saved and getattr(cfg, name) != saved[name]:
@@ -458,10 +464,7 @@ def resume_settings(path: str, log=None) -> tuple[str, dict]:
                                          "folder; resume the run folder that holds it")
     _, state = checkpoint.load_training_state(folder)
     saved = dict(state.get("train_config") or {})
-    model_cfg = checkpoint.load_config(folder)
-    saved.update(n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, n_embd=model_cfg.n_embd)
-    if not saved.get("task"):
-        saved["block_size"] = model_cfg.n_positions
+    saved.update(_checkpoint_shape(checkpoint.load_config(folder), saved.get("task")))
     if "schedule_steps" not in saved and "max_steps" in saved:      # saved before the horizon was stored
         saved["schedule_steps"] = saved["max_steps"]
     run_dir = os.path.dirname(os.path.abspath(folder))
