@@ -301,10 +301,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
                 f"and --max-steps is {cfg.max_steps}; give a larger --max-steps to train further")
             result = TrainResult(model, checkpoint.load_tokenizer(ckpt_dir), start_step=start_step,
                                  end_step=start_step)
-            rows = _read_metrics(metrics_path, up_to_step=start_step, log=log)
-            result.losses = [(m["step"], m["loss"]) for m in rows if "loss" in m]
-            result.val_losses = [(m["step"], m["val_loss"]) for m in rows if "val_loss" in m]
-            return result
+            return _with_history(result, _read_metrics(metrics_path, up_to_step=start_step, log=log))
         metrics = _read_metrics(metrics_path, up_to_step=start_step, log=log)
         tokenizer, data, baseline = build_data(cfg, checkpoint.load_tokenizer(ckpt_dir), log)
         if cfg.dropout != model.cfg.dropout:                      # the one model setting a resume may change
@@ -332,9 +329,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print, stop_after: int | N
     if baseline is not None:
         log(f"unigram baseline (validation cross-entropy): {baseline:.4f} nats/token")
 
-    result = TrainResult(model, tokenizer, baseline=baseline, start_step=start_step, end_step=start_step)
-    result.losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    result.val_losses = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    result = _with_history(TrainResult(model, tokenizer, baseline=baseline, start_step=start_step,
+                                       end_step=start_step), metrics)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model.cfg.n_positions
     bar = _progress_bar(cfg, start_step)
     t_start = time.perf_counter()
@@ -520,6 +516,13 @@ def _read_metrics(path: str, up_to_step: int, log=print) -> list[dict]:
         if row["step"] <= up_to_step:
             rows.append(row)
     return rows
+
+
+def _with_history(result: TrainResult, rows: list[dict]) -> TrainResult:
+    """``result`` with the (step, loss) and (step, val_loss) pairs of the metrics ``rows``."""
+    result.losses = [(m["step"], m["loss"]) for m in rows if "loss" in m]
+    result.val_losses = [(m["step"], m["val_loss"]) for m in rows if "val_loss" in m]
+    return result
 
 
 def _write_metrics(path: str, rows: list[dict]) -> None:
