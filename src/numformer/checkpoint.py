@@ -25,8 +25,7 @@ import sys
 
 import numpy as np
 
-from numformer import jsonfile, safetensors
-from numformer import fileio
+from numformer import fileio, jsonfile, safetensors
 from numformer.fileio import atomic_directory
 from numformer.models.gpt2 import GPT2, GPT2Config
 
