@@ -126,7 +126,7 @@ TRAIN_HELP = {
 
 
 def _add_train(sub) -> None:
-    from numformer.train import CHOICES, TrainConfig
+    from numformer.train_settings import CHOICES, TrainConfig
 
     p = sub.add_parser("train", help="train a small GPT (default: on Python's own docs)",
                        description="Train a small GPT. Settings come from the defaults, then the saved run "

@@ -41,7 +41,8 @@ def train_config(args):
 
     An error about a setting names where its value came from (the flag, the
     config file, or the checkpoint's saved settings)."""
-    from numformer.train import SettingError, TrainConfig, check_settings, resume_settings
+    from numformer.train import resume_settings
+    from numformer.train_settings import SettingError, TrainConfig, check_settings
 
     settings: dict = {}
     origin: dict = {}                                   # setting -> file its value came from (None: a flag)
